@@ -1,0 +1,295 @@
+"""Admin endpoints (``/admin/v1/*``), the API behind ``exploop-admin``.
+
+Reads need a ``viewer`` or ``admin`` token; changes need ``admin``. Every change
+is written to the audit log.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from flask import current_app, g
+from flask_smorest import Blueprint
+from sqlalchemy import func, select
+
+from .. import fleet, jobs
+from ..celery_app import queue_depths
+from ..errors import ApiError
+from ..extensions import db
+from ..models import Agent, BootstrapToken, Job, Tenant, utcnow
+from ..routing import queues_for
+from ..security import TENANT_PREFIX, hash_token, new_token
+from .auth import admin_required
+from .health import check_dependencies
+from .schemas import (AdminJobListArgs, Extended, AdminJobOut, AdminJobPage, AgentCreate, AgentCreated,
+                      AgentListArgs, AgentOut, AgentPage, PageArgs, TenantCreate, TenantCreated, TenantPage,
+                      TokenCreate, TokenCreated, TokenOut, TokenPage)
+from .tenants import paged
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__, url_prefix="/admin/v1",
+               description="Fleet administration (admin token: radmin_...)")
+
+
+def _agent(name: str) -> Agent:
+    agent = db.session.scalar(select(Agent).where(Agent.name == name))
+    if agent is None:
+        raise ApiError(404, f"agent {name!r} not found")
+    return agent
+
+
+# --- tenants ------------------------------------------------------------------
+
+@bp.post("/tenants")
+@bp.arguments(TenantCreate)
+@bp.response(201, TenantCreated)
+@admin_required("admin")
+def create_tenant(data):
+    """Create a tenant; its API key is shown once."""
+    if db.session.scalar(select(Tenant.id).where(Tenant.name == data["name"])) is not None:
+        raise ApiError(409, f"tenant {data['name']!r} already exists")
+    key = new_token(TENANT_PREFIX)
+    tenant = Tenant(name=data["name"], key_hash=hash_token(key))
+    db.session.add(tenant)
+    fleet.audit(g.admin.name, "create tenant", data["name"])
+    db.session.commit()
+    return Extended(tenant, api_key=key)
+
+
+@bp.get("/tenants")
+@bp.arguments(PageArgs, location="query")
+@bp.response(200, TenantPage)
+@admin_required()
+def list_tenants(args):
+    """List tenants."""
+    return paged(select(Tenant).order_by(Tenant.name), args)
+
+
+# --- bootstrap tokens -----------------------------------------------------------
+
+def _token_view(record: BootstrapToken, **extra) -> Extended:
+    return Extended(record, status=fleet.token_status(record), **extra)
+
+
+@bp.post("/tokens")
+@bp.arguments(TokenCreate)
+@bp.response(201, TokenCreated)
+@admin_required("admin")
+def create_token(data):
+    """Create a bootstrap token (``--max-uses``, ``--expires``); shown once."""
+    token, raw = fleet.create_bootstrap_token(g.admin.name, data["max_uses"], data["expires"])
+    return _token_view(token, token=raw)
+
+
+@bp.get("/tokens")
+@bp.arguments(PageArgs, location="query")
+@bp.response(200, TokenPage)
+@admin_required()
+def list_tokens(args):
+    """List bootstrap tokens (never their values)."""
+    page = paged(select(BootstrapToken).order_by(BootstrapToken.id.desc()), args)
+    page["items"] = [_token_view(t) for t in page["items"]]
+    return page
+
+
+@bp.post("/tokens/<int:token_id>/revoke")
+@bp.response(200, TokenOut)
+@admin_required("admin")
+def revoke_token(token_id):
+    """Revoke a bootstrap token: registrations with it are refused from now on."""
+    token = db.session.get(BootstrapToken, token_id)
+    if token is None:
+        raise ApiError(404, f"token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        fleet.audit(g.admin.name, "revoke token", token.prefix)
+        db.session.commit()
+    return _token_view(token)
+
+
+# --- agents ---------------------------------------------------------------------
+
+@bp.post("/agents")
+@bp.arguments(AgentCreate)
+@bp.response(201, AgentCreated)
+@admin_required("admin")
+def create_agent(data):
+    """Create an agent record with a pre-assigned key (shown once)."""
+    agent, key = fleet.create_agent(data["name"], data["region"], data["capabilities"], data["max_jobs"])
+    fleet.audit(g.admin.name, "create agent", agent.name)
+    db.session.commit()
+    return dict(fleet.describe_agents([agent])[0], api_key=key)
+
+
+@bp.get("/agents")
+@bp.arguments(AgentListArgs, location="query")
+@bp.response(200, AgentPage)
+@admin_required()
+def list_agents(args):
+    """Agents with their live status (lease) and load, by name."""
+    query = select(Agent).order_by(Agent.name)
+    if args.get("region"):
+        query = query.where(Agent.region == args["region"])
+    if args.get("status"):
+        # Status lives in Redis: filter the whole fleet, then page.
+        views = [v for v in fleet.describe_agents(db.session.scalars(query).all())
+                 if v["status"] == args["status"]]
+        start = (args["page"] - 1) * args["per_page"]
+        return {"items": views[start:start + args["per_page"]], "page": args["page"],
+                "per_page": args["per_page"], "total": len(views)}
+    page = paged(query, args)
+    page["items"] = fleet.describe_agents(page["items"])
+    return page
+
+
+@bp.get("/agents/<name>")
+@bp.response(200, AgentOut)
+@admin_required()
+def get_agent(name):
+    """One agent with its lease, load and state."""
+    return fleet.describe_agents([_agent(name)])[0]
+
+
+def _set_desired_state(name: str, state: str) -> dict:
+    agent = _agent(name)
+    agent.desired_state = state
+    fleet.audit(g.admin.name, "drain agent" if state == "draining" else "uncordon agent", name)
+    db.session.commit()
+    view = fleet.describe_agents([agent])[0]
+    _broadcast_queues(agent, view.get("nodename"), state)
+    return view
+
+
+def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
+    """Tell the agent's worker at once (the lease re-applies it if this is lost)."""
+    if not nodename:
+        return
+    control = current_app.extensions["celery"].control
+    try:
+        for queue in queues_for(agent.capability_list, agent.region):
+            if state == "draining":
+                control.cancel_consumer(queue, destination=[nodename])
+            else:
+                control.add_consumer(queue, destination=[nodename])
+    except Exception as exc:  # the next lease renewal applies the state anyway
+        logger.warning("remote control to %s failed: %s", nodename, exc)
+
+
+@bp.post("/agents/<name>/drain")
+@bp.response(200, AgentOut)
+@admin_required("admin")
+def drain_agent(name):
+    """Stop the agent taking new jobs; running jobs finish."""
+    return _set_desired_state(name, "draining")
+
+
+@bp.post("/agents/<name>/uncordon")
+@bp.response(200, AgentOut)
+@admin_required("admin")
+def uncordon_agent(name):
+    """Let a drained agent take jobs again."""
+    return _set_desired_state(name, "active")
+
+
+@bp.delete("/agents/<name>")
+@bp.response(204)
+@admin_required("admin")
+def delete_agent(name):
+    """Delete an agent record: its key stops working on its next request."""
+    agent = _agent(name)
+    for job in db.session.scalars(select(Job).where(Job.agent_id == agent.id, Job.status == "running")):
+        jobs.requeue(job, f"agent {name} deleted")
+    current_app.extensions["leases"].release(agent.name)
+    db.session.delete(agent)
+    fleet.audit(g.admin.name, "delete agent", name)
+    db.session.commit()
+
+
+# --- jobs -----------------------------------------------------------------------
+
+@bp.get("/jobs")
+@bp.arguments(AdminJobListArgs, location="query")
+@bp.response(200, AdminJobPage)
+@admin_required()
+def list_jobs(args):
+    """Jobs of every tenant, newest first."""
+    query = select(Job)
+    if args.get("status"):
+        query = query.where(Job.status == args["status"])
+    if args.get("tenant"):
+        query = query.join(Tenant).where(Tenant.name == args["tenant"])
+    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+
+
+def _job(job_id: str) -> Job:
+    job = db.session.get(Job, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+@bp.response(200, AdminJobOut)
+@admin_required()
+def get_job(job_id):
+    """One job."""
+    return _job(job_id)
+
+
+@bp.post("/jobs/<job_id>/retry")
+@bp.response(200, AdminJobOut)
+@admin_required("admin")
+def retry_job(job_id):
+    """Requeue a failed or cancelled job as a new attempt."""
+    job = jobs.retry(_job(job_id), g.admin.name)
+    fleet.audit(g.admin.name, "retry job", job_id)
+    db.session.commit()
+    return job
+
+
+@bp.get("/cluster-info")
+@admin_required()
+def cluster_info():
+    """Fleet overview: dependencies, agents by region, capacity, queue depth, jobs."""
+    agents = fleet.describe_agents(db.session.scalars(select(Agent).order_by(Agent.name)).all())
+    regions: dict[str, dict] = {}
+    queues = set()
+    for view in agents:
+        region = regions.setdefault(view["region"], {"online": 0, "draining": 0, "offline": 0,
+                                                     "disabled": 0, "jobs_running": 0, "capacity": 0})
+        region[view["status"]] += 1
+        if view["status"] in ("online", "draining"):
+            region["jobs_running"] += view["jobs_running"]
+            region["capacity"] += view["max_jobs"] if view["status"] == "online" else 0
+        queues.update(queues_for(view["capabilities"], view["region"]))
+    queues.update(current_app.extensions["celery"].amqp.queues.keys())
+    checks = check_dependencies()
+    try:
+        depths = queue_depths(current_app.extensions["redis"], queues)
+    except Exception:
+        depths = {}
+    since = utcnow() - timedelta(hours=24)
+    counts = dict(db.session.execute(select(Job.status, func.count()).where(
+        Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
+    counts["failed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == "failed", Job.finished_at >= since))
+    counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == "completed", Job.finished_at >= since))
+    return {
+        "api": "ok", **checks,
+        "agents": {"total": len(agents), "by_status": _count(v["status"] for v in agents),
+                   "by_region": regions},
+        "capacity": {"used": sum(r["jobs_running"] for r in regions.values()),
+                     "total": sum(r["capacity"] for r in regions.values())},
+        "queues": depths,
+        "jobs": {s: counts.get(s, 0) for s in ("pending", "queued", "running", "failed_24h",
+                                                "completed_24h")},
+    }
+
+
+def _count(values) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for value in values:
+        result[value] = result.get(value, 0) + 1
+    return result

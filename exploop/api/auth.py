@@ -1,0 +1,91 @@
+"""Credential checks, one per audience: agents, tenants, admins.
+
+Each credential is a bearer token with its own prefix; the stored hash is looked
+up by index and compared in constant time. A disabled or deleted agent's key
+stops working on its next request, because every request reads the record.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from flask import g, request
+from sqlalchemy import select
+
+from ..errors import ApiError
+from ..extensions import db
+from ..models import AdminToken, Agent, Tenant
+from ..security import hash_token, matches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["agent_required", "tenant_required", "admin_required", "bearer_token"]
+
+
+def bearer_token() -> str | None:
+    """Return the token of an ``Authorization: Bearer <token>`` header."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _lookup(model, token: str | None, prefix: str):
+    if not token or not token.startswith(prefix):
+        return None
+    record = db.session.scalar(select(model).where(model.__table__.c[_HASH[model]] == hash_token(token)))
+    if record is None or not matches(token, getattr(record, _HASH[model])):
+        return None
+    return record
+
+
+_HASH = {Agent: "key_hash", Tenant: "key_hash", AdminToken: "token_hash"}
+
+
+def _unauthorized(kind: str):
+    logger.warning("authentication failed audience=%s path=%s remote=%s",
+                   kind, request.path, request.remote_addr)
+    return ApiError(401, "authentication failed", {"audience": kind},
+                    headers={"WWW-Authenticate": 'Bearer realm="exploop"'})
+
+
+def agent_required(view):
+    """Require a valid, enabled agent key (``ragent_...``); sets ``g.agent``."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        agent = _lookup(Agent, bearer_token(), "ragent_")
+        if agent is None or agent.disabled:
+            raise _unauthorized("agent")
+        g.agent = agent
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def tenant_required(view):
+    """Require a tenant API key (``rtenant_...``); sets ``g.tenant``."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        tenant = _lookup(Tenant, bearer_token(), "rtenant_")
+        if tenant is None:
+            raise _unauthorized("tenant")
+        g.tenant = tenant
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def admin_required(role: str = "viewer"):
+    """Require an admin token (``radmin_...``); ``role="admin"`` for changes."""
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            token = _lookup(AdminToken, bearer_token(), "radmin_")
+            if token is None or token.revoked_at is not None:
+                raise _unauthorized("admin")
+            if role == "admin" and token.role != "admin":
+                raise ApiError(403, f"admin token {token.name!r} has role {token.role!r};"
+                                    " this action needs 'admin'")
+            g.admin = token
+            return view(*args, **kwargs)
+        return wrapper
+    return decorator

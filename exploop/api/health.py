@@ -1,0 +1,34 @@
+"""``/health``: is the API up, and can it reach its database and Redis?"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+from sqlalchemy import text
+
+from ..extensions import db
+
+bp = Blueprint("health", __name__)
+
+
+def check_dependencies() -> dict[str, str]:
+    """Return ``{"database": "ok" | "error: ...", "redis": ...}``."""
+    checks = {}
+    try:
+        db.session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        db.session.rollback()
+        checks["database"] = f"error: {exc.__class__.__name__}"
+    try:
+        current_app.extensions["redis"].ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {exc.__class__.__name__}"
+    return checks
+
+
+@bp.get("/health")
+def health():
+    """200 when the database and Redis answer, 503 otherwise."""
+    checks = check_dependencies()
+    healthy = all(value == "ok" for value in checks.values())
+    return {"status": "ok" if healthy else "degraded", **checks}, 200 if healthy else 503

@@ -1,0 +1,89 @@
+"""Agent endpoints (``/platform/*``): register, config, lease, and job reports."""
+from __future__ import annotations
+
+from flask import current_app, g
+from flask_smorest import Blueprint
+
+from .. import fleet, jobs
+from ..config import parse_duration
+from .auth import agent_required
+from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimOut, CompleteIn, FailIn, JobStateOut,
+                      LeaseIn, LeaseOut, ProgressIn, RegisterIn, RegisterOut)
+
+bp = Blueprint("platform", __name__, url_prefix="/platform",
+               description="Endpoints platform agents call (agent key: ragent_...)")
+
+
+@bp.post("/register")
+@bp.arguments(RegisterIn)
+@bp.response(201, RegisterOut)
+def register(data):
+    """Exchange a bootstrap token for an agent record and its API key (shown once)."""
+    agent, key = fleet.register_agent(data)
+    return Extended(agent, api_key=key)
+
+
+@bp.get("/config")
+@bp.response(200, AgentConfigOut)
+@agent_required
+def agent_config():
+    """What an agent needs to run: its identity and the broker to consume from."""
+    config = current_app.config
+    time_limit = int(parse_duration(config["JOB_TIME_LIMIT"]))
+    return {"agent": g.agent,
+            "broker_url": config["AGENT_BROKER_URL"] or current_app.extensions["celery"].conf.broker_url,
+            "visibility_timeout": current_app.extensions["celery"].conf.broker_transport_options["visibility_timeout"],
+            "job_time_limit": time_limit}
+
+
+@bp.put("/lease")
+@bp.arguments(LeaseIn)
+@bp.response(200, LeaseOut)
+@agent_required
+def renew_lease(body):
+    """Renew this agent's lease; the answer carries its desired state and lease TTL."""
+    return fleet.renew_lease(g.agent, body)
+
+
+@bp.delete("/lease")
+@bp.response(204)
+@agent_required
+def release_lease():
+    """Drop this agent's lease at once (graceful stop)."""
+    current_app.extensions["leases"].release(g.agent.name)
+
+
+@bp.post("/jobs/<job_id>/claim")
+@bp.arguments(AttemptIn)
+@bp.response(200, ClaimOut)
+@agent_required
+def claim(body, job_id):
+    """Claim the current attempt of a queued job; 409 for a stale or duplicate delivery."""
+    return jobs.claim(g.agent, job_id, body["attempt"])
+
+
+@bp.post("/jobs/<job_id>/progress")
+@bp.arguments(ProgressIn)
+@bp.response(200, JobStateOut)
+@agent_required
+def progress(body, job_id):
+    """Report progress of a job this agent holds."""
+    return jobs.progress(g.agent, job_id, body["attempt"], body["progress"], body.get("message"))
+
+
+@bp.post("/jobs/<job_id>/complete")
+@bp.arguments(CompleteIn)
+@bp.response(200, JobStateOut)
+@agent_required
+def complete(body, job_id):
+    """Store findings and complete a job this agent holds."""
+    return jobs.complete(g.agent, job_id, body["attempt"], body["findings"], body["summary"])
+
+
+@bp.post("/jobs/<job_id>/fail")
+@bp.arguments(FailIn)
+@bp.response(200, JobStateOut)
+@agent_required
+def fail(body, job_id):
+    """Fail the current attempt of a job this agent holds (``retry`` requeues it)."""
+    return jobs.fail(g.agent, job_id, body["attempt"], body["error"], body["retry"])

@@ -1,0 +1,310 @@
+"""Request and response schemas: they validate requests and generate /openapi.json."""
+from __future__ import annotations
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+from ..config import CAPABILITIES
+from ..jobs import SEVERITIES
+from ..models import JOB_STATUSES
+
+_REGION = validate.Regexp(r"^[a-z0-9][a-z0-9-]{0,62}$", error="lowercase letters, digits and '-'")
+_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                        error="letters, digits, '.', '_' and '-' (max 100)")
+
+
+class UTCDateTime(fields.DateTime):
+    """Naive-UTC database timestamps rendered as ISO 8601 with a ``Z``."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value.isoformat(timespec="seconds") + "Z"
+
+
+class Extended:
+    """An ORM object plus extra attributes (a key shown once, a derived status) to dump."""
+
+    def __init__(self, obj, **extra):
+        self._obj = obj
+        self.__dict__.update(extra)
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+
+class Strict(Schema):
+    class Meta:
+        ordered = True
+
+
+class Lenient(Schema):
+    """Agent payloads: unknown fields are ignored so newer agents keep working."""
+
+    class Meta:
+        unknown = EXCLUDE
+        ordered = True
+
+
+class PageArgs(Strict):
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
+    per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class JobListArgs(PageArgs):
+    status = fields.String(validate=validate.OneOf(JOB_STATUSES))
+
+
+class Page(Strict):
+    page = fields.Integer()
+    per_page = fields.Integer()
+    total = fields.Integer()
+
+
+# --- tenants ----------------------------------------------------------------
+
+class JobCreate(Strict):
+    repo_url = fields.String(required=True, validate=validate.Length(min=1, max=2048))
+    ref = fields.String(load_default="HEAD", validate=validate.Length(min=1, max=255))
+    capability = fields.String(required=True, validate=validate.OneOf(
+        CAPABILITIES, error=f"unknown capability; valid: {', '.join(CAPABILITIES)}"))
+    region = fields.String(validate=_REGION)
+
+
+class JobOut(Strict):
+    id = fields.String()
+    status = fields.String()
+    capability = fields.String()
+    region = fields.String()
+    repo_url = fields.String()
+    ref = fields.String()
+    attempt = fields.Integer()
+    max_attempts = fields.Integer()
+    progress = fields.Integer()
+    progress_message = fields.String(allow_none=True)
+    error = fields.String(allow_none=True)
+    summary = fields.Dict(allow_none=True)
+    agent = fields.String(attribute="agent_name", allow_none=True)
+    created_at = UTCDateTime()
+    queued_at = UTCDateTime(allow_none=True)
+    started_at = UTCDateTime(allow_none=True)
+    finished_at = UTCDateTime(allow_none=True)
+
+
+class JobPage(Page):
+    items = fields.List(fields.Nested(JobOut))
+
+
+class FindingOut(Strict):
+    rule_id = fields.String()
+    severity = fields.String()
+    confidence = fields.String(allow_none=True)
+    path = fields.String()
+    start_line = fields.Integer(allow_none=True)
+    end_line = fields.Integer(allow_none=True)
+    message = fields.String()
+    engine = fields.String()
+    cwe = fields.String(allow_none=True)
+    fingerprint = fields.String()
+    secret_hash = fields.String(allow_none=True)
+    preview = fields.String(allow_none=True)
+    commit = fields.String(allow_none=True)
+
+
+class FindingPage(Page):
+    items = fields.List(fields.Nested(FindingOut))
+
+
+# --- platform (agents) ------------------------------------------------------
+
+class RegisterIn(Lenient):
+    token = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    name = fields.String(validate=_NAME)
+    region = fields.String(required=True, validate=_REGION)
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+                               required=True, validate=validate.Length(min=1))
+    max_jobs = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
+    version = fields.String(validate=validate.Length(max=40))
+    host = fields.String(validate=validate.Length(max=255))
+
+
+class AgentIdentity(Strict):
+    name = fields.String()
+    region = fields.String()
+    capabilities = fields.Function(lambda a: a.capability_list)
+    max_jobs = fields.Integer()
+    desired_state = fields.String()
+
+
+class RegisterOut(AgentIdentity):
+    api_key = fields.String()
+
+
+class AgentConfigOut(Strict):
+    agent = fields.Nested(AgentIdentity)
+    broker_url = fields.String()
+    visibility_timeout = fields.Integer()
+    job_time_limit = fields.Integer()
+
+
+class LeaseIn(Lenient):
+    status = fields.String(load_default="active", validate=validate.Length(max=32))
+    running_jobs = fields.List(fields.String(validate=validate.Length(max=64)),
+                               load_default=list, validate=validate.Length(max=1000))
+    jobs_running = fields.Integer(load_default=0, validate=validate.Range(min=0, max=100000))
+    max_jobs = fields.Integer(validate=validate.Range(min=1, max=1000))
+    version = fields.String(validate=validate.Length(max=40))
+    host = fields.String(validate=validate.Length(max=255))
+    nodename = fields.String(validate=validate.Length(max=255))
+    heartbeat_interval = fields.Float(load_default=30.0, validate=validate.Range(min=0.1, max=3600))
+
+
+class LeaseOut(Strict):
+    agent = fields.String()
+    desired_state = fields.String()
+    lease_ttl = fields.Integer()
+
+
+class AttemptIn(Lenient):
+    attempt = fields.Integer(required=True, validate=validate.Range(min=1))
+
+
+class ClaimOut(Strict):
+    id = fields.String()
+    attempt = fields.Integer()
+    capability = fields.String()
+    region = fields.String()
+    repo_url = fields.String()
+    ref = fields.String()
+    time_limit = fields.Integer()
+
+
+class ProgressIn(AttemptIn):
+    progress = fields.Integer(required=True, validate=validate.Range(min=0, max=100))
+    message = fields.String(validate=validate.Length(max=255))
+
+
+class FindingIn(Lenient):
+    rule_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    severity = fields.String(required=True, validate=validate.OneOf(SEVERITIES))
+    confidence = fields.String(validate=validate.Length(max=16))
+    path = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    start_line = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    end_line = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    message = fields.String(required=True, validate=validate.Length(max=10000))
+    engine = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    cwe = fields.String(allow_none=True, validate=validate.Length(max=32))
+    fingerprint = fields.String(validate=validate.Length(max=200))
+    secret_hash = fields.String(allow_none=True, validate=validate.Length(max=64))
+    preview = fields.String(allow_none=True, validate=validate.Length(max=64))
+    commit = fields.String(allow_none=True, validate=validate.Length(max=64))
+
+
+class CompleteIn(AttemptIn):
+    findings = fields.List(fields.Nested(FindingIn), load_default=list,
+                           validate=validate.Length(max=100000))
+    summary = fields.Dict(load_default=dict)
+
+
+class FailIn(AttemptIn):
+    error = fields.String(required=True, validate=validate.Length(min=1, max=10000))
+    retry = fields.Boolean(load_default=False)
+
+
+class JobStateOut(Strict):
+    id = fields.String()
+    status = fields.String()
+    attempt = fields.Integer()
+
+
+# --- admin ------------------------------------------------------------------
+
+class TenantCreate(Strict):
+    name = fields.String(required=True, validate=_NAME)
+
+
+class TenantOut(Strict):
+    id = fields.Integer()
+    name = fields.String()
+    created_at = UTCDateTime()
+
+
+class TenantCreated(TenantOut):
+    api_key = fields.String()
+
+
+class TenantPage(Page):
+    items = fields.List(fields.Nested(TenantOut))
+
+
+class TokenCreate(Strict):
+    max_uses = fields.Integer(load_default=1, validate=validate.Range(min=1, max=100000))
+    expires = fields.String(load_default="1h", metadata={"description": "lifetime such as 30m, 1h, 7d"})
+
+
+class TokenOut(Strict):
+    id = fields.Integer()
+    prefix = fields.String()
+    max_uses = fields.Integer()
+    uses = fields.Integer()
+    expires_at = UTCDateTime()
+    revoked_at = UTCDateTime(allow_none=True)
+    created_by = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+    status = fields.String()
+
+
+class TokenCreated(TokenOut):
+    token = fields.String()
+
+
+class TokenPage(Page):
+    items = fields.List(fields.Nested(TokenOut))
+
+
+class AgentCreate(Strict):
+    name = fields.String(required=True, validate=_NAME)
+    region = fields.String(required=True, validate=_REGION)
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+                               load_default=lambda: ["sast", "sca"], validate=validate.Length(min=1))
+    max_jobs = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
+
+
+class AgentOut(Strict):
+    name = fields.String()
+    status = fields.String()
+    region = fields.String()
+    capabilities = fields.List(fields.String())
+    jobs_running = fields.Integer()
+    max_jobs = fields.Integer()
+    running_jobs = fields.List(fields.String())
+    desired_state = fields.String()
+    lease_ttl = fields.Integer(allow_none=True)
+    last_seen = UTCDateTime(allow_none=True)
+    last_seen_seconds = fields.Integer(allow_none=True)
+    version = fields.String(allow_none=True)
+    host = fields.String(allow_none=True)
+    nodename = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+
+
+class AgentCreated(AgentOut):
+    api_key = fields.String()
+
+
+class AgentPage(Page):
+    items = fields.List(fields.Nested(AgentOut))
+
+
+class AgentListArgs(PageArgs):
+    region = fields.String(validate=_REGION)
+    status = fields.String(validate=validate.OneOf(("online", "offline", "draining", "disabled")))
+
+
+class AdminJobOut(JobOut):
+    tenant = fields.Function(lambda job: job.tenant.name)
+
+
+class AdminJobPage(Page):
+    items = fields.List(fields.Nested(AdminJobOut))
+
+
+class AdminJobListArgs(JobListArgs):
+    tenant = fields.String(validate=_NAME)

@@ -1,0 +1,79 @@
+"""Tenant endpoints (``/api/v1/*``): submit scans, follow them, fetch findings.
+
+A tenant sees only its own jobs: another tenant's job is a 404, never a 403, so
+existence does not leak.
+"""
+from __future__ import annotations
+
+from flask import g, request
+from flask_smorest import Blueprint
+from sqlalchemy import func, select
+
+from .. import jobs
+from ..errors import ApiError
+from ..extensions import db
+from ..models import Finding, Job
+from .auth import tenant_required
+from .schemas import FindingPage, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
+
+bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
+               description="Tenant API (tenant key: rtenant_...)")
+
+
+def paged(query, args):
+    """Run ``query`` for one page; return the list envelope."""
+    total = db.session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    items = db.session.scalars(query.limit(args["per_page"])
+                               .offset((args["page"] - 1) * args["per_page"])).all()
+    return {"items": items, "page": args["page"], "per_page": args["per_page"], "total": total}
+
+
+def tenant_job(job_id: str) -> Job:
+    job = db.session.get(Job, job_id)
+    if job is None or job.tenant_id != g.tenant.id:
+        raise ApiError(404, f"job {job_id!r} not found")
+    return job
+
+
+@bp.post("/jobs")
+@bp.arguments(JobCreate)
+@bp.response(201, JobOut)
+@bp.alt_response(200, schema=JobOut, description="Replay of an earlier request with the same Idempotency-Key")
+@tenant_required
+def create_job(data):
+    """Submit a scan of a repository. Send ``Idempotency-Key`` to make retries safe."""
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > 255:
+        raise ApiError(400, "Idempotency-Key is too long (max 255)")
+    job, created = jobs.submit(g.tenant, data, key)
+    return job, 201 if created else 200
+
+
+@bp.get("/jobs")
+@bp.arguments(JobListArgs, location="query")
+@bp.response(200, JobPage)
+@tenant_required
+def list_jobs(args):
+    """List this tenant's jobs, newest first."""
+    query = select(Job).where(Job.tenant_id == g.tenant.id)
+    if args.get("status"):
+        query = query.where(Job.status == args["status"])
+    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+
+
+@bp.get("/jobs/<job_id>")
+@bp.response(200, JobOut)
+@tenant_required
+def get_job(job_id):
+    """One job of this tenant."""
+    return tenant_job(job_id)
+
+
+@bp.get("/jobs/<job_id>/findings")
+@bp.arguments(PageArgs, location="query")
+@bp.response(200, FindingPage)
+@tenant_required
+def list_findings(args, job_id):
+    """Findings of one job of this tenant (secret values are never stored or returned)."""
+    job = tenant_job(job_id)
+    return paged(select(Finding).where(Finding.job_id == job.id).order_by(Finding.id), args)

@@ -1,0 +1,79 @@
+"""``exploop``: the server side (API, local stack, admin bootstrap)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .config import ConfigError
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exploop")
+def main():
+    """Exploop platform server commands."""
+
+
+def _app():
+    from .app import create_app, init_db
+    try:
+        app = create_app()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    init_db(app)
+    return app
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="EXPLOOP_HOST")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), envvar="EXPLOOP_PORT")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), envvar="EXPLOOP_WORKERS")
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(1, 1000), envvar="EXPLOOP_THREADS")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def api(host, port, workers, threads, log_level):
+    """Serve the REST API (gunicorn, gthread workers)."""
+    from .logs import setup_logging
+    from .server import serve
+    setup_logging(log_level.upper())
+    _app()  # create tables once, before workers fork
+    serve(host, port, workers, threads, log_level)
+
+
+@main.command("init-db")
+def init_db_command():
+    """Create the database tables."""
+    _app()
+    click.echo("database ready")
+
+
+@main.command("create-admin-token")
+@click.option("--name", default="admin", show_default=True, help="Who the token belongs to (audit log).")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), default="admin", show_default=True)
+def create_admin_token(name, role):
+    """Create an admin token directly in the database (the first one must come from here)."""
+    from .extensions import db
+    from .fleet import audit
+    from .models import AdminToken
+    from .security import ADMIN_PREFIX, hash_token, new_token
+    app = _app()
+    token = new_token(ADMIN_PREFIX)
+    with app.app_context():
+        db.session.add(AdminToken(name=name, role=role, token_hash=hash_token(token)))
+        audit("server", "create admin token", name, f"role={role}")
+        db.session.commit()
+    click.echo(token)
+    click.echo(f"admin token for {name!r} (role {role}); shown once, store it safely", err=True)
+
+
+@main.command()
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="API port.")
+@click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--no-demo", is_flag=True, help="Do not submit the demo scan.")
+def up(port, flower_port, no_demo):
+    """Run the whole stack locally: Redis, API, one agent, Flower (Ctrl-C stops it)."""
+    from .up import LocalStack
+    sys.exit(LocalStack(api_port=port, flower_port=flower_port, demo=not no_demo).run())

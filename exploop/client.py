@@ -1,0 +1,112 @@
+"""The HTTP client of the API, used by agents (``workers/``) and the admin CLI (``admin/``)."""
+from __future__ import annotations
+
+import requests
+
+from . import __version__
+
+__all__ = ["ApiClient", "PlatformClient", "ApiClientError", "ApiConnectionError"]
+
+
+class ApiClientError(Exception):
+    """The API answered with an error (``status``, ``message``, ``detail``)."""
+
+    def __init__(self, status: int, message: str, detail=None):
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+class ApiConnectionError(ApiClientError):
+    """The API could not be reached at all."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(0, f"failed to connect to API {url}: {reason}")
+        self.url = url
+
+
+class ApiClient:
+    """Bearer-token JSON client with short timeouts and one error type per failure."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = f"exploop/{__version__}"
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str, path: str, *, json=None, params=None, headers=None,
+                timeout: float | None = None):
+        """Send one request; return the decoded JSON body (None for 204)."""
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, json=json, params=params, headers=headers,
+                                            timeout=timeout or self.timeout)
+        except requests.exceptions.RequestException as exc:
+            raise ApiConnectionError(self.base_url, _reason(exc)) from None
+        if response.status_code == 204:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            if isinstance(body, dict) and "error" in body:
+                raise ApiClientError(response.status_code, body["error"], body.get("detail"))
+            raise ApiClientError(response.status_code, f"HTTP {response.status_code} from {url}")
+        return body
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, json=None, **kw):
+        return self.request("POST", path, json=json if json is not None else {}, **kw)
+
+    def put(self, path, json=None, **kw):
+        return self.request("PUT", path, json=json if json is not None else {}, **kw)
+
+    def delete(self, path, **kw):
+        return self.request("DELETE", path, **kw)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "connection refused or unreachable"
+    return exc.__class__.__name__
+
+
+class PlatformClient(ApiClient):
+    """The agent side of ``/platform/*``."""
+
+    def register(self, token: str, **fields) -> dict:
+        return self.post("/platform/register", {"token": token, **fields})
+
+    def config(self) -> dict:
+        return self.get("/platform/config")
+
+    def renew_lease(self, body: dict, timeout: float | None = None) -> dict:
+        return self.put("/platform/lease", body, timeout=timeout)
+
+    def release_lease(self) -> None:
+        self.delete("/platform/lease", timeout=5)
+
+    def claim(self, job_id: str, attempt: int) -> dict:
+        return self.post(f"/platform/jobs/{job_id}/claim", {"attempt": attempt})
+
+    def progress(self, job_id: str, attempt: int, progress: int, message: str | None = None) -> dict:
+        body = {"attempt": attempt, "progress": progress}
+        if message:
+            body["message"] = message[:255]
+        return self.post(f"/platform/jobs/{job_id}/progress", body)
+
+    def complete(self, job_id: str, attempt: int, findings: list, summary: dict) -> dict:
+        return self.post(f"/platform/jobs/{job_id}/complete",
+                         {"attempt": attempt, "findings": findings, "summary": summary}, timeout=60)
+
+    def fail(self, job_id: str, attempt: int, error: str, retry: bool = False) -> dict:
+        return self.post(f"/platform/jobs/{job_id}/fail",
+                         {"attempt": attempt, "error": error[:10000], "retry": retry})

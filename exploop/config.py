@@ -1,0 +1,183 @@
+"""Every setting with its default, and the duration parser both sides use.
+
+Server settings are Flask config keys, layered in ``create_app``: the defaults
+below, then ``EXPLOOP_*`` environment variables (``EXPLOOP_REDIS_URL``,
+``EXPLOOP_CELERY__broker_url``...), then ``test_config``. Agent settings are the
+runbook's environment variables, read by :class:`AgentSettings`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+__all__ = [
+    "ConfigError", "parse_duration", "format_duration", "server_defaults",
+    "AgentSettings", "CAPABILITIES", "data_dir",
+]
+
+#: Scan capabilities the platform knows; agents advertise a subset.
+CAPABILITIES = ("sast", "sca", "secrets")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+def parse_duration(value: str | int | float, name: str = "duration") -> float:
+    """Parse ``30s``, ``5m``, ``1h``, ``7d``, ``250ms`` or a bare number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ConfigError(
+                f"{name}: invalid duration {value!r} (use e.g. 30s, 5m, 1h, 7d)")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{name}: duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way the runbook's tables do: ``12s``, ``4m``, ``2h``, ``3d``."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def data_dir() -> Path:
+    """Local state directory for the API (SQLite) and ``exploop up``."""
+    return Path(os.environ.get("EXPLOOP_DATA_DIR", Path.cwd() / ".exploop"))
+
+
+def server_defaults() -> dict:
+    """Default Flask config of the API; every key can be set as ``EXPLOOP_<KEY>``."""
+    return {
+        # Database: SQLite under the data directory; PostgreSQL in production.
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{data_dir() / 'exploop.db'}",
+        # Redis holds broker queues and leases; nothing in it is the only copy.
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        # Broker URL handed to agents (defaults to REDIS_URL as the API sees it).
+        "AGENT_BROKER_URL": None,
+        # Regions accepted for jobs besides those of registered agents (comma separated).
+        "REGIONS": "",
+        # Default per-job time limit; the broker visibility timeout is derived from it.
+        "JOB_TIME_LIMIT": "30m",
+        # Deliveries of one job before it fails permanently.
+        "JOB_MAX_ATTEMPTS": 3,
+        # Jobs one tenant may have queued + running; the rest wait as pending.
+        "TENANT_MAX_ACTIVE": 20,
+        # Accept file:// repository URLs (local stacks and tests only).
+        "ALLOW_LOCAL_REPOS": False,
+        # Bounds on the lease TTL an agent may ask for (3 x its heartbeat interval).
+        "LEASE_TTL_MIN": "3s",
+        "LEASE_TTL_MAX": "10m",
+        # Largest page a list endpoint returns.
+        "MAX_PAGE_SIZE": 500,
+        "CELERY": {},
+        "API_TITLE": "Exploop API",
+        "API_VERSION": "v1",
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
+    }
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name}: expected a positive integer, got {raw!r}")
+    return value
+
+
+_LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING",
+               "warning": "WARNING", "error": "ERROR"}
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The agent's configuration: the runbook's environment variables, validated."""
+
+    api_url: str
+    api_key: str | None = None
+    bootstrap_token: str | None = None
+    region: str | None = None
+    capabilities: tuple[str, ...] | None = None
+    max_concurrent_jobs: int | None = None
+    log_level: str = "INFO"
+    heartbeat_interval: float = 30.0
+    poll_timeout: float = 30.0
+    agent_name: str | None = None
+    broker_url: str | None = None
+    state_dir: Path = field(default_factory=lambda: Path.home() / ".exploop")
+    host: str = field(default_factory=socket.gethostname)
+
+    # Defaults applied when neither the environment nor the agent record says.
+    DEFAULT_CAPABILITIES = ("sast", "sca")
+    DEFAULT_MAX_JOBS = 5
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AgentSettings":
+        """Read and validate the environment; raise ConfigError naming the variable."""
+        env = os.environ if environ is None else environ
+        api_url = (env.get("API_URL") or "").strip().rstrip("/")
+        if not api_url:
+            raise ConfigError("API_URL: required (e.g. https://api.exploop.io)")
+        if not re.match(r"^https?://[^/\s]+", api_url):
+            raise ConfigError(f"API_URL: expected an http(s) URL, got {api_url!r}")
+        api_key = env.get("API_KEY") or None
+        if api_key and not api_key.startswith("ragent_"):
+            raise ConfigError("API_KEY: expected an agent key starting with 'ragent_'")
+        region = env.get("REGION") or None
+        if region is not None and region != "auto" and not _REGION.match(region):
+            raise ConfigError(
+                f"REGION: invalid region {region!r} (lowercase letters, digits and '-')")
+        if region == "auto":
+            region = None
+        capabilities = None
+        if env.get("CAPABILITIES"):
+            capabilities = tuple(c.strip() for c in env["CAPABILITIES"].split(",") if c.strip())
+            unknown = [c for c in capabilities if c not in CAPABILITIES]
+            if unknown or not capabilities:
+                raise ConfigError(
+                    f"CAPABILITIES: unknown capability {', '.join(unknown) or '(empty)'};"
+                    f" valid: {', '.join(CAPABILITIES)}")
+        level = (env.get("LOG_LEVEL") or "info").lower()
+        if level not in _LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL: expected one of debug, info, warn, error; got {level!r}")
+        max_jobs = None
+        if env.get("MAX_CONCURRENT_JOBS"):
+            max_jobs = _positive_int(env, "MAX_CONCURRENT_JOBS", cls.DEFAULT_MAX_JOBS)
+        state_dir = Path(env["EXPLOOP_STATE_DIR"]) if env.get("EXPLOOP_STATE_DIR") else (
+            Path(env.get("HOME") or Path.home()) / ".exploop")
+        return cls(
+            api_url=api_url,
+            api_key=api_key,
+            bootstrap_token=env.get("BOOTSTRAP_TOKEN") or None,
+            region=region,
+            capabilities=capabilities,
+            max_concurrent_jobs=max_jobs,
+            log_level=_LOG_LEVELS[level],
+            heartbeat_interval=parse_duration(env.get("HEARTBEAT_INTERVAL", "30s"), "HEARTBEAT_INTERVAL"),
+            poll_timeout=parse_duration(env.get("POLL_TIMEOUT", "30s"), "POLL_TIMEOUT"),
+            agent_name=env.get("AGENT_NAME") or None,
+            broker_url=env.get("BROKER_URL") or None,
+            state_dir=state_dir,
+        )

@@ -1,0 +1,163 @@
+"""Agents: registration, credentials, leases and the status operators see.
+
+Status is derived, never stored: ``online`` = lease present and desired state
+active; ``draining`` = lease present and desired state draining; ``offline`` =
+no lease; ``disabled`` = switched off by an admin.
+"""
+from __future__ import annotations
+
+import logging
+import secrets as _secrets
+from datetime import datetime, timedelta, timezone
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from .config import parse_duration
+from .errors import ApiError
+from .extensions import db
+from .models import Agent, AuditEvent, BootstrapToken, utcnow
+from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
+           "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
+
+#: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
+LAST_SEEN_WRITE_INTERVAL = timedelta(seconds=60)
+
+
+def audit(actor: str, action: str, target: str | None = None, detail: str | None = None) -> None:
+    """Record an admin action (committed with the caller's transaction)."""
+    db.session.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
+
+
+def agent_status(agent: Agent, lease: dict | None) -> str:
+    if agent.disabled:
+        return "disabled"
+    if lease is None:
+        return "offline"
+    return "draining" if agent.desired_state == "draining" else "online"
+
+
+def describe_agents(agents: list[Agent]) -> list[dict]:
+    """Agent records joined with their leases (one pipelined Redis read)."""
+    leases = current_app.extensions["leases"].get_many([a.name for a in agents])
+    now = utcnow()
+    views = []
+    for agent in agents:
+        lease = leases.get(agent.name)
+        last_seen = agent.last_seen
+        if lease is not None:
+            last_seen = datetime.fromtimestamp(lease["renewed_at"], timezone.utc).replace(tzinfo=None)
+        views.append({
+            "name": agent.name,
+            "status": agent_status(agent, lease),
+            "region": agent.region,
+            "capabilities": agent.capability_list,
+            "jobs_running": int(lease.get("jobs_running", 0)) if lease else 0,
+            "max_jobs": int((lease or {}).get("max_jobs") or agent.max_jobs),
+            "running_jobs": list(lease.get("running_jobs", [])) if lease else [],
+            "desired_state": agent.desired_state,
+            "lease_ttl": lease["ttl"] if lease else None,
+            "last_seen": last_seen,
+            "last_seen_seconds": int((now - last_seen).total_seconds()) if last_seen else None,
+            "version": (lease or {}).get("version") or agent.version,
+            "host": (lease or {}).get("host") or agent.host,
+            "nodename": (lease or {}).get("nodename") or agent.nodename,
+            "created_at": agent.created_at,
+        })
+    return views
+
+
+def _unique_name(region: str) -> str:
+    while True:
+        name = f"agent-{region}-{_secrets.token_hex(3)}"
+        if db.session.scalar(select(Agent.id).where(Agent.name == name)) is None:
+            return name
+
+
+def create_agent(name: str, region: str, capabilities: list[str], max_jobs: int,
+                 **extra) -> tuple[Agent, str]:
+    """Create an agent record and return it with its key (shown once)."""
+    if db.session.scalar(select(Agent.id).where(Agent.name == name)) is not None:
+        raise ApiError(409, f"agent {name!r} already exists")
+    key = new_token(AGENT_PREFIX)
+    agent = Agent(name=name, region=region, capabilities=",".join(dict.fromkeys(capabilities)),
+                  max_jobs=max_jobs, key_hash=hash_token(key), **extra)
+    db.session.add(agent)
+    return agent, key
+
+
+def token_status(token: BootstrapToken) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at <= utcnow():
+        return "expired"
+    if token.uses >= token.max_uses:
+        return "used"
+    return "valid"
+
+
+def register_agent(data: dict) -> tuple[Agent, str]:
+    """Exchange a bootstrap token for an agent record and its own key."""
+    raw = data["token"]
+    token = db.session.scalar(select(BootstrapToken).where(
+        BootstrapToken.token_hash == hash_token(raw))) if raw.startswith(BOOTSTRAP_PREFIX) else None
+    if token is None:
+        logger.warning("invalid bootstrap token: unknown token")
+        raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
+    # Spend one use atomically: concurrent registrations cannot exceed max_uses.
+    spent = db.session.execute(update(BootstrapToken).where(
+        BootstrapToken.id == token.id, BootstrapToken.uses < BootstrapToken.max_uses,
+        BootstrapToken.revoked_at.is_(None), BootstrapToken.expires_at > utcnow(),
+    ).values(uses=BootstrapToken.uses + 1))
+    if spent.rowcount != 1:
+        db.session.rollback()
+        db.session.refresh(token)
+        reason = token_status(token)
+        logger.warning("invalid bootstrap token: %s token=%s", reason, token.prefix)
+        raise ApiError(401, f"invalid bootstrap token: {reason}", {"reason": reason})
+    name = data.get("name") or _unique_name(data["region"])
+    agent, key = create_agent(name, data["region"], data["capabilities"], data["max_jobs"],
+                              version=data.get("version"), host=data.get("host"))
+    audit(f"bootstrap:{token.prefix}", "register agent", name)
+    db.session.commit()
+    logger.info("agent registered agent=%s region=%s capabilities=%s",
+                name, agent.region, agent.capabilities)
+    return agent, key
+
+
+def create_bootstrap_token(actor: str, max_uses: int, expires: str) -> tuple[BootstrapToken, str]:
+    """Create a bootstrap token; the plaintext is returned once."""
+    try:
+        lifetime = parse_duration(expires, "expires")
+    except ValueError as exc:
+        raise ApiError(400, str(exc), {"expires": [str(exc)]}) from None
+    raw = new_token(BOOTSTRAP_PREFIX)
+    token = BootstrapToken(token_hash=hash_token(raw), prefix=raw[:len(BOOTSTRAP_PREFIX) + 6],
+                           max_uses=max_uses, expires_at=utcnow() + timedelta(seconds=lifetime),
+                           created_by=actor)
+    db.session.add(token)
+    audit(actor, "create token", token.prefix, f"max_uses={max_uses} expires={expires}")
+    db.session.commit()
+    return token, raw
+
+
+def renew_lease(agent: Agent, body: dict) -> dict:
+    """Renew the agent's lease (TTL = 3 x its heartbeat interval) and return its desired state."""
+    config = current_app.config
+    ttl = 3 * body["heartbeat_interval"]
+    ttl = min(max(ttl, parse_duration(config["LEASE_TTL_MIN"])), parse_duration(config["LEASE_TTL_MAX"]))
+    body = dict(body, max_jobs=body.get("max_jobs") or agent.max_jobs)
+    current_app.extensions["leases"].renew(agent.name, body, ttl)
+    now = utcnow()
+    changed = {k: body[k] for k in ("version", "host", "nodename")
+               if body.get(k) and body[k] != getattr(agent, k)}
+    if changed or agent.last_seen is None or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
+        for key, value in changed.items():
+            setattr(agent, key, value)
+        agent.last_seen = now
+        db.session.commit()
+    return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}

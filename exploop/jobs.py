@@ -1,0 +1,304 @@
+"""The job lifecycle: submit, admit, publish, claim, progress, complete, fail, requeue.
+
+``pending`` (accepted) -> ``queued`` (published) -> ``running`` (claimed by one
+agent) -> ``completed`` | ``failed`` | ``cancelled``. Delivery is at least once;
+the claim makes the effect once: only the current attempt of a queued job can be
+claimed. Messages are published only after the database commit, and a failed
+publish leaves the job ``pending`` for the next admission, never lost.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from urllib.parse import urlparse
+
+from flask import current_app
+from sqlalchemy import func, select, update
+
+from .celery_app import declare_queue
+from .config import CAPABILITIES, parse_duration
+from .errors import ApiError
+from .extensions import db
+from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
+from .routing import RUN_SCAN, queue_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
+           "requeue", "retry", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
+
+SEVERITIES = ("critical", "high", "medium", "low", "info")
+_SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
+
+
+def validate_repo_url(url: str) -> str:
+    """Accept https and ssh URLs (and file:// when local repos are allowed)."""
+    url = url.strip()
+    if _SCP_LIKE.match(url):  # git@github.com:org/repo.git
+        return url
+    parsed = urlparse(url)
+    allowed = {"https", "ssh"}
+    if current_app.config["ALLOW_LOCAL_REPOS"]:
+        allowed.add("file")
+    if parsed.scheme not in allowed:
+        raise ApiError(400, f"unsupported repository URL scheme {parsed.scheme or '(none)'!r}",
+                       {"repo_url": [f"allowed schemes: {', '.join(sorted(allowed))}"]})
+    if parsed.scheme != "file" and not parsed.netloc:
+        raise ApiError(400, "repository URL has no host", {"repo_url": ["missing host"]})
+    if parsed.scheme == "file" and not parsed.path:
+        raise ApiError(400, "repository URL has no path", {"repo_url": ["missing path"]})
+    return url
+
+
+def known_regions() -> set[str]:
+    """Regions a job may name: configured ones plus those of registered agents."""
+    configured = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
+    registered = set(db.session.scalars(select(Agent.region).where(Agent.disabled.is_(False)).distinct()))
+    return configured | registered
+
+
+def choose_region(capability: str) -> str:
+    """Region for a job that names none: the live, active region with most free slots.
+
+    Ties go to the alphabetically first region. With no live agent for the
+    capability anywhere, the job is refused (409) rather than parked on a queue
+    nobody consumes.
+    """
+    leases = current_app.extensions["leases"]
+    agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
+    candidates = [a for a in agents if capability in a.capability_list]
+    live = leases.get_many([a.name for a in candidates])
+    free: dict[str, int] = {}
+    for agent in candidates:
+        lease = live.get(agent.name)
+        if lease is None or agent.desired_state != "active":
+            continue
+        slots = agent.max_jobs - int(lease.get("jobs_running", 0))
+        free[agent.region] = free.get(agent.region, 0) + max(slots, 0)
+    if not free:
+        raise ApiError(409, f"no live agent with capability {capability!r} in any region;"
+                            " name a region to queue the job anyway",
+                       {"region": ["no region has a live agent for this capability"]})
+    return sorted(free.items(), key=lambda item: (-item[1], item[0]))[0][0]
+
+
+def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Create a job for ``tenant`` (or return the one with the same Idempotency-Key)."""
+    if idempotency_key:
+        existing = db.session.scalar(select(Job).where(
+            Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return existing, False
+    capability = data["capability"]
+    if capability not in CAPABILITIES:
+        raise ApiError(400, f"unknown capability {capability!r}",
+                       {"capability": [f"valid: {', '.join(CAPABILITIES)}"]})
+    region = data.get("region")
+    if region:
+        regions = known_regions()
+        if region not in regions:
+            raise ApiError(400, f"unknown region {region!r}",
+                           {"region": [f"valid: {', '.join(sorted(regions)) or '(none registered)'}"]})
+    else:
+        region = choose_region(capability)
+    config = current_app.config
+    job = Job(tenant_id=tenant.id, capability=capability, region=region,
+              repo_url=validate_repo_url(data["repo_url"]), ref=data.get("ref") or "HEAD",
+              status="pending", max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
+              time_limit=int(parse_duration(config["JOB_TIME_LIMIT"], "JOB_TIME_LIMIT")),
+              idempotency_key=idempotency_key)
+    db.session.add(job)
+    try:
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        if idempotency_key:  # a concurrent retry with the same key won the insert
+            existing = db.session.scalar(select(Job).where(
+                Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+            if existing is not None:
+                return existing, False
+        raise
+    logger.info("job accepted job_id=%s tenant=%s capability=%s region=%s",
+                job.id, tenant.name, capability, region)
+    admit_pending(tenant.id)
+    db.session.refresh(job)
+    return job, True
+
+
+def _active_count(tenant_id: int) -> int:
+    return db.session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES)))
+
+
+def admit_pending(tenant_id: int) -> int:
+    """Queue and publish the tenant's oldest pending jobs while it has free slots."""
+    limit = int(current_app.config["TENANT_MAX_ACTIVE"])
+    free = limit - _active_count(tenant_id)
+    if free <= 0:
+        return 0
+    jobs = db.session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status == "pending")
+                              .order_by(Job.created_at).limit(free)).all()
+    admitted = 0
+    for job in jobs:
+        result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == "pending")
+                                    .values(status="queued", queued_at=utcnow(), published_at=None))
+        db.session.commit()
+        if result.rowcount == 1:
+            db.session.refresh(job)
+            admitted += publish(job)
+    return admitted
+
+
+def publish(job: Job) -> bool:
+    """Publish a queued job's current attempt; on failure put it back to ``pending``."""
+    celery = current_app.extensions["celery"]
+    queue = queue_for(job.capability, job.region)
+    try:
+        declare_queue(celery, queue)
+        celery.send_task(RUN_SCAN, kwargs={"job_id": job.id, "attempt": job.attempt,
+                                           "capability": job.capability, "region": job.region},
+                         retry=True, retry_policy={"max_retries": 2, "interval_start": 0,
+                                                   "interval_step": 0.5, "interval_max": 1})
+    except Exception as exc:  # broker down: keep the job, admit it again later
+        logger.error("failed to publish job job_id=%s queue=%s: %s", job.id, queue, exc)
+        db.session.execute(update(Job).where(Job.id == job.id, Job.status == "queued",
+                                             Job.attempt == job.attempt)
+                           .values(status="pending", error=f"publish failed: {exc}"))
+        db.session.commit()
+        return False
+    db.session.execute(update(Job).where(Job.id == job.id, Job.attempt == job.attempt)
+                       .values(published_at=utcnow()))
+    db.session.commit()
+    logger.info("job queued job_id=%s attempt=%s queue=%s", job.id, job.attempt, queue)
+    return True
+
+
+def _get_job(job_id: str) -> Job:
+    job = db.session.get(Job, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found")
+    return job
+
+
+def claim(agent: Agent, job_id: str, attempt: int) -> Job:
+    """Give the current attempt of a queued job to ``agent``; refuse anything else."""
+    job = _get_job(job_id)
+    if job.capability not in agent.capability_list or job.region != agent.region:
+        raise ApiError(403, f"agent {agent.name!r} cannot run {job.capability} jobs in {job.region}")
+    if agent.desired_state != "active":
+        raise ApiError(409, f"agent {agent.name!r} is draining", {"reason": "draining"})
+    result = db.session.execute(
+        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
+        .values(status="running", agent_id=agent.id, agent_name=agent.name, started_at=utcnow(), progress=0,
+                progress_message=None))
+    db.session.commit()
+    db.session.refresh(job)
+    if result.rowcount != 1:
+        if job.status == "running" and job.agent_id == agent.id and job.attempt == attempt:
+            return job  # the agent retried a claim whose answer it lost
+        raise ApiError(409, f"job {job_id} attempt {attempt} is not claimable",
+                       {"reason": "stale", "status": job.status, "attempt": job.attempt})
+    logger.info("job claimed job_id=%s attempt=%s agent=%s", job.id, attempt, agent.name)
+    return job
+
+
+def _held(agent: Agent, job_id: str, attempt: int) -> Job:
+    job = _get_job(job_id)
+    if job.agent_id != agent.id or job.attempt != attempt:
+        raise ApiError(403, f"agent {agent.name!r} does not hold job {job_id} attempt {attempt}")
+    return job
+
+
+def progress(agent: Agent, job_id: str, attempt: int, percent: int, message: str | None) -> Job:
+    """Record progress of a running job held by ``agent``."""
+    job = _held(agent, job_id, attempt)
+    if job.status != "running":
+        raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
+    job.progress = percent
+    job.progress_message = message
+    db.session.commit()
+    return job
+
+
+def _fingerprint(item: dict) -> str:
+    """Stable identity of a finding: survives rescans and shifted lines."""
+    basis = item.get("fingerprint") or "|".join(
+        [item["engine"], item["rule_id"], item["path"], item.get("secret_hash") or item["message"]])
+    return hashlib.sha256(basis.encode()).hexdigest()[:32]
+
+
+def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summary: dict) -> Job:
+    """Store the findings and mark the job completed (repeating it is harmless)."""
+    job = _held(agent, job_id, attempt)
+    if job.status == "completed":
+        return job  # the agent retried a completion whose answer it lost
+    if job.status != "running":
+        raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
+    counts = {s: 0 for s in SEVERITIES}
+    for item in findings:
+        counts[item["severity"]] += 1
+        db.session.add(Finding(job_id=job.id, fingerprint=_fingerprint(item), **{
+            k: item.get(k) for k in ("rule_id", "severity", "confidence", "path", "start_line",
+                                     "end_line", "message", "engine", "cwe", "secret_hash",
+                                     "preview", "commit")}))
+    job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
+    job.status, job.progress, job.finished_at, job.error = "completed", 100, utcnow(), None
+    db.session.commit()
+    logger.info("job completed job_id=%s attempt=%s agent=%s findings=%d",
+                job.id, attempt, agent.name, len(findings))
+    admit_pending(job.tenant_id)
+    return job
+
+
+def requeue(job: Job, reason: str) -> Job:
+    """Send a job back to the queue as attempt + 1, or fail it after max attempts."""
+    if job.attempt >= job.max_attempts:
+        job.status, job.finished_at = "failed", utcnow()
+        job.error = f"{reason} (attempt {job.attempt} of {job.max_attempts})"
+        db.session.commit()
+        logger.error("job failed permanently job_id=%s attempts=%s reason=%s",
+                     job.id, job.attempt, reason)
+        admit_pending(job.tenant_id)
+        return job
+    job.attempt += 1
+    job.status, job.agent_id, job.error = "queued", None, reason
+    job.queued_at, job.published_at, job.started_at, job.progress = utcnow(), None, None, 0
+    db.session.commit()
+    logger.warning("job requeued job_id=%s attempt=%s reason=%s", job.id, job.attempt, reason)
+    publish(job)
+    return job
+
+
+def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool) -> Job:
+    """Record a failed attempt; retry it if asked and attempts remain."""
+    job = _held(agent, job_id, attempt)
+    if job.status == "failed":
+        return job
+    if job.status != "running":
+        raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
+    if retry:
+        return requeue(job, error)
+    job.status, job.finished_at, job.error = "failed", utcnow(), error
+    db.session.commit()
+    logger.error("job failed permanently job_id=%s attempt=%s agent=%s error=%s",
+                 job.id, attempt, agent.name, error)
+    admit_pending(job.tenant_id)
+    return job
+
+
+def retry(job: Job, actor: str) -> Job:
+    """Give a failed or cancelled job a new attempt (``exploop-admin retry job``)."""
+    if job.status not in ("failed", "cancelled"):
+        raise ApiError(409, f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
+                       {"status": job.status})
+    job.attempt += 1
+    job.max_attempts = max(job.max_attempts, job.attempt)
+    job.status, job.agent_id, job.finished_at, job.started_at = "pending", None, None, None
+    job.progress, job.error = 0, None
+    db.session.commit()
+    logger.info("job retried job_id=%s attempt=%s by=%s", job.id, job.attempt, actor)
+    admit_pending(job.tenant_id)
+    db.session.refresh(job)
+    return job

@@ -1,0 +1,40 @@
+"""Credentials: random tokens with recognisable prefixes, stored only as hashes.
+
+Tokens carry 256 bits of randomness, so a plain SHA-256 is enough to store them
+(no password stretching needed); lookups go by hash, and the final comparison is
+constant-time.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+__all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
+           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "mask"]
+
+AGENT_PREFIX = "ragent_"
+TENANT_PREFIX = "rtenant_"
+ADMIN_PREFIX = "radmin_"
+BOOTSTRAP_PREFIX = "rboot_"
+
+
+def new_token(prefix: str) -> str:
+    """Return a new random credential such as ``ragent_3kJ...``."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Return the stored form of a credential."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def matches(token: str, stored_hash: str) -> bool:
+    """Compare a presented credential with a stored hash in constant time."""
+    return hmac.compare_digest(hash_token(token), stored_hash)
+
+
+def mask(value: str, keep: int = 4) -> str:
+    """Masked preview of a secret: the first characters, then asterisks."""
+    keep = min(keep, len(value) // 4)
+    return value[:keep] + "*" * max(4, len(value) - keep)

@@ -1,0 +1,1 @@
+"""The agent side: the ``exploop-agent`` Celery worker, its bootsteps, tasks and scanners."""

@@ -1,0 +1,209 @@
+"""``exploop-agent``: the platform agent binary.
+
+Reads the runbook's environment variables, gets its identity (API_KEY, a saved
+key under ~/.exploop/, or a BOOTSTRAP_TOKEN exchanged once), asks the API for its
+broker, then runs a Celery worker named after the agent on ``<cap>.<REGION>`` for
+each capability, with the Lease Manager renewing its lease.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from exploop import __version__
+from exploop.celery_app import make_celery
+from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
+from exploop.config import AgentSettings, ConfigError
+from exploop.logs import setup_logging
+from exploop.routing import queues_for
+
+from .bootsteps import DesiredStateStep, LeaseStep
+from .tasks import register_tasks
+
+logger = logging.getLogger("exploop.agent")
+
+__all__ = ["main", "AgentRuntime"]
+
+CREDENTIALS_FILE = "agent.json"
+
+
+@dataclass
+class AgentRuntime:
+    """What the worker, its bootsteps and its tasks share (inherited by prefork children)."""
+
+    api_url: str
+    api_key: str
+    name: str
+    region: str
+    capabilities: list[str]
+    max_jobs: int
+    heartbeat_interval: float
+    host: str
+    desired_state: str = "active"
+    version: str = __version__
+    noop_scans: bool = False
+    auth_failed: bool = False
+    lease_manager: object = None
+    client: PlatformClient = field(default=None, repr=False)
+
+    @property
+    def queues(self) -> list[str]:
+        return queues_for(self.capabilities, self.region)
+
+    def status(self) -> str:
+        return "draining" if self.desired_state == "draining" else "active"
+
+
+def _fail(message: str, code: int = 1):
+    logger.error(message)
+    sys.exit(code)
+
+
+def _load_saved(settings: AgentSettings) -> dict | None:
+    path = settings.state_dir / CREDENTIALS_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("api_url") == settings.api_url and saved.get("api_key") else None
+
+
+def _save(settings: AgentSettings, name: str, api_key: str) -> Path:
+    """Save the agent's key (0600) so a restart reuses it instead of a spent token."""
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = settings.state_dir / CREDENTIALS_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"api_url": settings.api_url, "name": name, "api_key": api_key}, handle)
+    os.replace(tmp, path)
+    return path
+
+
+def _with_retries(call, what: str, attempts: int = 6):
+    """Retry while the API is unreachable (it may still be starting)."""
+    for n in range(attempts):
+        try:
+            return call()
+        except ApiConnectionError as exc:
+            logger.error("failed to connect to API %s (%s), attempt %d/%d",
+                         exc.url, what, n + 1, attempts)
+            if n == attempts - 1:
+                raise
+            time.sleep(min(2 ** n, 15))
+
+
+def obtain_key(settings: AgentSettings) -> str:
+    """API_KEY, else the saved key, else register with BOOTSTRAP_TOKEN (and save the key)."""
+    if settings.api_key:
+        return settings.api_key
+    saved = _load_saved(settings)
+    if saved:
+        logger.info("using saved agent key name=%s file=%s", saved.get("name"),
+                    settings.state_dir / CREDENTIALS_FILE)
+        return saved["api_key"]
+    if not settings.bootstrap_token:
+        raise ConfigError("API_KEY or BOOTSTRAP_TOKEN: one is required (no saved key in "
+                          f"{settings.state_dir})")
+    client = PlatformClient(settings.api_url)
+    fields = {"region": settings.region or "default",
+              "capabilities": list(settings.capabilities or AgentSettings.DEFAULT_CAPABILITIES),
+              "max_jobs": settings.max_concurrent_jobs or AgentSettings.DEFAULT_MAX_JOBS,
+              "version": __version__, "host": settings.host}
+    if settings.agent_name:
+        fields["name"] = settings.agent_name
+    try:
+        reply = _with_retries(lambda: client.register(settings.bootstrap_token, **fields), "register")
+    except ApiClientError as exc:
+        if exc.status == 401:
+            _fail(f"invalid bootstrap token: {exc.message.removeprefix('invalid bootstrap token').lstrip(': ') or 'refused'}")
+        if isinstance(exc, ApiConnectionError):
+            _fail(exc.message)
+        _fail(f"registration refused: {exc.message} {exc.detail or ''}".strip())
+    path = _save(settings, reply["name"], reply["api_key"])
+    logger.info("agent registered name=%s region=%s capabilities=%s key_file=%s",
+                reply["name"], reply["region"], ",".join(reply["capabilities"]), path)
+    return reply["api_key"]
+
+
+def build_runtime(settings: AgentSettings) -> tuple[AgentRuntime, dict]:
+    """Resolve identity and broker settings from the API."""
+    key = obtain_key(settings)
+    client = PlatformClient(settings.api_url, key, timeout=10)
+    try:
+        config = _with_retries(client.config, "config")
+    except ApiClientError as exc:
+        if exc.status == 401:
+            _fail("authentication failed: the API refused this agent's key"
+                  " (deleted or disabled agent, or wrong API_KEY)")
+        _fail(exc.message)
+    identity = config["agent"]
+    if settings.region and settings.region != identity["region"]:
+        logger.warning("REGION=%s ignored: agent %s is registered in %s",
+                       settings.region, identity["name"], identity["region"])
+    runtime = AgentRuntime(
+        api_url=settings.api_url, api_key=key, name=identity["name"], region=identity["region"],
+        capabilities=identity["capabilities"],
+        max_jobs=settings.max_concurrent_jobs or identity["max_jobs"],
+        heartbeat_interval=settings.heartbeat_interval, host=settings.host,
+        desired_state=identity["desired_state"], client=client,
+        noop_scans=os.environ.get("EXPLOOP_NOOP_SCANS") == "1")
+    return runtime, config
+
+
+def run(settings: AgentSettings) -> int:
+    runtime, config = build_runtime(settings)
+    broker_url = settings.broker_url or config["broker_url"]
+    app = make_celery(broker_url, queues=runtime.queues,
+                      visibility_timeout=config["visibility_timeout"])
+    app.exploop_runtime = runtime
+    register_tasks(app)
+    app.steps["worker"].add(LeaseStep)
+    app.steps["consumer"].add(DesiredStateStep)
+    nodename = f"{runtime.name}@{runtime.host}"
+    logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s",
+                runtime.name, runtime.region, ",".join(runtime.queues), runtime.max_jobs,
+                runtime.desired_state)
+    worker = app.Worker(hostname=nodename, queues=runtime.queues, concurrency=runtime.max_jobs,
+                        pool_cls="prefork", loglevel=settings.log_level, without_mingle=True,
+                        without_gossip=True, optimization="fair", quiet=True)
+    try:
+        worker.start()
+    finally:
+        manager = runtime.lease_manager
+        if manager is not None:
+            # Running jobs have finished: drop the lease so status turns offline at once.
+            manager.stop(release=not runtime.auth_failed)
+    if runtime.auth_failed:
+        return 1
+    logger.info("agent stopped name=%s", runtime.name)
+    return worker.exitcode or 0
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="exploop-agent")
+@click.pass_context
+def main(ctx):
+    """Exploop platform agent. Configured by environment variables (see the runbook):
+    API_URL, API_KEY or BOOTSTRAP_TOKEN, REGION, CAPABILITIES, MAX_CONCURRENT_JOBS,
+    LOG_LEVEL, HEARTBEAT_INTERVAL, POLL_TIMEOUT."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        settings = AgentSettings.from_env()
+    except ConfigError as exc:
+        click.echo(f"exploop-agent: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(settings.log_level)
+    try:
+        sys.exit(run(settings))
+    except ConfigError as exc:
+        click.echo(f"exploop-agent: {exc}", err=True)
+        sys.exit(2)

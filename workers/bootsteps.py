@@ -1,0 +1,95 @@
+"""Worker bootsteps: the Lease Manager, and the desired state applied before consuming."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from celery import bootsteps
+from celery.worker import state as worker_state
+
+from .lease import LeaseManager
+
+logger = logging.getLogger("exploop.agent")
+
+__all__ = ["LeaseStep", "DesiredStateStep", "running_jobs"]
+
+
+def running_jobs() -> list[str]:
+    """Ids of the jobs this worker is running (parent process view)."""
+    ids = []
+    for request in list(worker_state.active_requests):
+        kwargs = request.kwargs or {}
+        if kwargs.get("job_id"):
+            ids.append(kwargs["job_id"])
+    return sorted(ids)
+
+
+def _apply(consumer, queues: list[str], state: str) -> None:
+    """Consume the agent's queues when active, none when draining (consumer thread)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is None:
+        return
+    for queue in queues:
+        consuming = task_consumer.consuming_from(queue)
+        if state == "draining" and consuming:
+            consumer.cancel_task_queue(queue)
+            logger.info("draining: stopped consuming from %s", queue)
+        elif state == "active" and not consuming:
+            consumer.add_task_queue(queue)
+            logger.info("active: consuming from %s", queue)
+
+
+class LeaseStep(bootsteps.StartStopStep):
+    """Start the Lease Manager with the worker; keep it through the warm shutdown."""
+
+    requires = {"celery.worker.components:Pool"}
+    label = "LeaseManager"
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.manager: LeaseManager | None = None
+
+    def start(self, worker):
+        runtime = worker.app.exploop_runtime
+        self.worker = worker
+
+        def report() -> dict:
+            jobs = running_jobs()
+            status = "stopping" if worker_state.should_stop is not None or \
+                worker_state.should_terminate is not None else runtime.status()
+            return {"status": status, "running_jobs": jobs, "jobs_running": len(jobs),
+                    "max_jobs": runtime.max_jobs, "version": runtime.version,
+                    "host": runtime.host, "nodename": worker.hostname}
+
+        def apply_state(state: str) -> None:
+            runtime.desired_state = state
+            consumer = getattr(worker, "consumer", None)
+            if consumer is not None and worker_state.should_stop is None:
+                consumer.call_soon(_apply, consumer, runtime.queues, state)
+
+        def on_auth_failure() -> None:
+            runtime.auth_failed = True
+            os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown; main exits non-zero
+
+        self.manager = LeaseManager(runtime.client, runtime.heartbeat_interval, report,
+                                    apply_state, on_auth_failure)
+        runtime.lease_manager = self.manager
+        self.manager.start()
+
+    def stop(self, worker):
+        # Called as the shutdown begins, before running jobs finish: keep renewing.
+        # ``workers.agent`` stops the manager once the worker has exited.
+        pass
+
+
+class DesiredStateStep(bootsteps.StartStopStep):
+    """Consumer step: a drained agent that restarts must not take a job before its lease says so."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    label = "DesiredState"
+
+    def start(self, consumer):
+        runtime = consumer.app.exploop_runtime
+        if runtime.desired_state == "draining":
+            _apply(consumer, runtime.queues, "draining")

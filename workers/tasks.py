@@ -1,0 +1,126 @@
+"""The scan task: claim, check out, scan, report. Thin: the logic lives in scanners/.
+
+Messages carry (job id, attempt). The claim succeeds only for the current
+attempt of a queued job, so a redelivered or duplicate message is skipped here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from celery import Celery
+from celery.exceptions import Reject
+
+from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
+from exploop.routing import RUN_SCAN
+
+from .workspace import JobError, Workspace
+
+logger = logging.getLogger("exploop.agent")
+
+__all__ = ["register_tasks", "SCANNERS"]
+
+#: Capability -> scanner module run in its own process.
+SCANNERS = {"secrets": "workers.scanners.secrets"}
+
+_clients: dict[int, PlatformClient] = {}
+
+
+def _client(runtime) -> PlatformClient:
+    """One HTTP session per process (prefork children must not share the parent's)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        _clients.clear()
+        _clients[pid] = PlatformClient(runtime.api_url, runtime.api_key, timeout=15)
+    return _clients[pid]
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the scan task on the agent's Celery app."""
+
+    @app.task(name=RUN_SCAN, bind=True, acks_late=True)
+    def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
+        runtime = app.exploop_runtime
+        client = _client(runtime)
+        fields = f"job_id={job_id} attempt={attempt} agent={runtime.name}"
+        try:
+            spec = client.claim(job_id, attempt)
+        except ApiConnectionError as exc:
+            # Put the message back for later (or for another agent) instead of losing it.
+            logger.error("failed to connect to API while claiming %s: %s", fields, exc.message)
+            time.sleep(2)
+            raise Reject(str(exc), requeue=True) from None
+        except ApiClientError as exc:
+            if exc.status == 409 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
+                logger.info("agent draining, returning job to queue %s", fields)
+                raise Reject("agent draining", requeue=True) from None
+            if exc.status == 401:
+                logger.error("authentication failed %s", fields)
+                raise Reject("authentication failed", requeue=True) from None
+            logger.info("skipping stale or duplicate delivery %s: %s", fields, exc.message)
+            return "skipped"
+        return _run(runtime, client, spec, fields)
+
+
+def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
+    job_id, attempt = spec["id"], spec["attempt"]
+    started = time.monotonic()
+    try:
+        if runtime.noop_scans:  # benchmark mode: measures the dispatch path only
+            findings, summary = [], {"engines": []}
+        else:
+            findings, summary = _scan(client, spec, started + spec["time_limit"])
+    except JobError as exc:
+        if exc.retry:
+            logger.warning("job timeout, will retry %s: %s", fields, exc)
+        else:
+            logger.error("job failed %s: %s", fields, exc)
+        _report(lambda: client.fail(job_id, attempt, str(exc), retry=exc.retry), fields)
+        return "failed"
+    except Exception as exc:  # a scanner bug must fail the job, not the agent
+        logger.exception("job crashed %s", fields)
+        _report(lambda: client.fail(job_id, attempt, f"agent error: {exc.__class__.__name__}: {exc}",
+                                    retry=True), fields)
+        return "failed"
+    summary["duration_seconds"] = round(time.monotonic() - started, 3)
+    _report(lambda: client.complete(job_id, attempt, findings, summary), fields)
+    logger.info("job completed %s findings=%d", fields, len(findings))
+    return "completed"
+
+
+def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict]:
+    module = SCANNERS.get(spec["capability"])
+    if module is None:
+        raise JobError(f"capability {spec['capability']!r} has no scanner on this agent")
+    with Workspace(spec["id"], deadline) as workspace:
+        commit = workspace.checkout(spec["repo_url"], spec["ref"])
+        _progress(client, spec, 30, f"checked out {commit[:12]}")
+        result = workspace.run_scanner(module)
+        _progress(client, spec, 90, "scan finished")
+    for finding in result["findings"]:
+        finding.setdefault("commit", commit)
+    return result["findings"], {"commit": commit,
+                                "engines": [{"name": result["engine"], "version": result["version"]}]}
+
+
+def _progress(client: PlatformClient, spec: dict, percent: int, message: str) -> None:
+    try:
+        client.progress(spec["id"], spec["attempt"], percent, message)
+    except ApiClientError as exc:  # progress is advisory; the result is what matters
+        logger.warning("progress report failed job_id=%s: %s", spec["id"], exc.message)
+
+
+def _report(call, fields: str, attempts: int = 5) -> None:
+    """Send the result, retrying while the API is unreachable."""
+    for n in range(attempts):
+        try:
+            call()
+            return
+        except ApiConnectionError as exc:
+            logger.error("failed to connect to API reporting %s: %s", fields, exc.message)
+            time.sleep(min(2 ** n, 10))
+        except ApiClientError as exc:
+            logger.error("result refused %s: %s", fields, exc.message)
+            return
+    logger.error("giving up reporting %s; the controller will requeue it", fields)
