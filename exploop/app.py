@@ -1,12 +1,13 @@
 """The Flask application factory."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import redis
 from flask import Flask
 from flask_smorest import Api
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from webargs.flaskparser import FlaskParser
 
 from .celery_app import make_celery
 from .config import CAPABILITIES, parse_duration, server_defaults
@@ -15,11 +16,6 @@ from .leases import LeaseStore
 from .routing import queue_for
 
 __all__ = ["create_app", "init_db"]
-
-
-class _Parser(FlaskParser):
-    # Invalid fields are a client error the spec calls 400, not webargs' 422.
-    DEFAULT_VALIDATION_STATUS = 400
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -48,8 +44,6 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from .api import admin, health, platform, tenants
     from .api.errors import register_error_handlers
-    from flask_smorest import Blueprint
-    Blueprint.ARGUMENTS_PARSER = _Parser()
     api = Api(app, spec_kwargs={"components": {"securitySchemes": {
         "bearer": {"type": "http", "scheme": "bearer"}}}, "security": [{"bearer": []}]})
     app.extensions["smorest"] = api
@@ -61,6 +55,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 
 def _configure_database(app: Flask) -> None:
+    """Engine options per backend: SQLite waits for locks, PostgreSQL checks pooled connections."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     if uri.startswith("sqlite"):
@@ -86,7 +81,6 @@ def init_db(app: Flask) -> None:
     """Create missing tables (run once before the server forks its workers)."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
-        from pathlib import Path
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     with app.app_context():
         db.create_all()

@@ -33,4 +33,6 @@ def serve(host: str, port: int, workers: int, threads: int, log_level: str = "in
         "loglevel": log_level,
         "accesslog": None,
         "errorlog": "-",
+        # Several APIs may run on one host (tests, benchmarks): no shared control socket.
+        "control_socket_disable": True,
     }).run()

@@ -75,12 +75,14 @@ class LeaseManager:
         return min(self.interval, 0.5 * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.0)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.next_delay()):
+        while not self._stop.is_set():
             try:
                 self.renew()
             except Exception:  # never let the heartbeat thread die
                 logger.exception("lease renewal failed, retrying")
                 self.failures += 1
+            if self._stop.wait(self.next_delay()):
+                break
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="lease-manager", daemon=True)

@@ -9,7 +9,7 @@ import logging
 from datetime import timedelta
 
 from flask import current_app, g
-from flask_smorest import Blueprint
+from . import Blueprint
 from sqlalchemy import func, select
 
 from .. import fleet, jobs

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from flask_smorest import Blueprint
+from . import Blueprint
 
 from .. import fleet, jobs
 from ..config import parse_duration

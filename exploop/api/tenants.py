@@ -6,7 +6,7 @@ existence does not leak.
 from __future__ import annotations
 
 from flask import g, request
-from flask_smorest import Blueprint
+from . import Blueprint
 from sqlalchemy import func, select
 
 from .. import jobs
