@@ -3,4 +3,6 @@ from flask_sqlalchemy import SQLAlchemy
 
 __all__ = ["db"]
 
-db = SQLAlchemy()
+# Objects stay readable after commit without a reload per attribute; code that
+# needs fresh state after a concurrent change refreshes explicitly.
+db = SQLAlchemy(session_options={"expire_on_commit": False})

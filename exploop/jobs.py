@@ -104,9 +104,13 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     else:
         region = choose_region(capability)
     config = current_app.config
+    # Admit at once when the tenant has a free slot (a soft limit: concurrent submits
+    # may overshoot by a few); otherwise the job waits as pending.
+    admit = _active_count(tenant.id) < int(config["TENANT_MAX_ACTIVE"])
     job = Job(tenant_id=tenant.id, capability=capability, region=region,
               repo_url=validate_repo_url(data["repo_url"]), ref=data.get("ref") or "HEAD",
-              status="pending", max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
+              status="queued" if admit else "pending", queued_at=utcnow() if admit else None,
+              max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
               time_limit=int(parse_duration(config["JOB_TIME_LIMIT"], "JOB_TIME_LIMIT")),
               idempotency_key=idempotency_key)
     db.session.add(job)
@@ -120,10 +124,10 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
             if existing is not None:
                 return existing, False
         raise
-    logger.info("job accepted job_id=%s tenant=%s capability=%s region=%s",
-                job.id, tenant.name, capability, region)
-    admit_pending(tenant.id)
-    db.session.refresh(job)
+    logger.info("job accepted job_id=%s tenant=%s capability=%s region=%s status=%s",
+                job.id, tenant.name, capability, region, job.status)
+    if admit:
+        publish(job)
     return job, True
 
 
@@ -134,6 +138,10 @@ def _active_count(tenant_id: int) -> int:
 
 def admit_pending(tenant_id: int) -> int:
     """Queue and publish the tenant's oldest pending jobs while it has free slots."""
+    has_pending = db.session.scalar(select(Job.id).where(
+        Job.tenant_id == tenant_id, Job.status == "pending").limit(1))
+    if has_pending is None:
+        return 0
     limit = int(current_app.config["TENANT_MAX_ACTIVE"])
     free = limit - _active_count(tenant_id)
     if free <= 0:
@@ -143,7 +151,7 @@ def admit_pending(tenant_id: int) -> int:
     admitted = 0
     for job in jobs:
         result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == "pending")
-                                    .values(status="queued", queued_at=utcnow(), published_at=None))
+                                    .values(status="queued", queued_at=utcnow()))
         db.session.commit()
         if result.rowcount == 1:
             db.session.refresh(job)
@@ -167,10 +175,8 @@ def publish(job: Job) -> bool:
                                              Job.attempt == job.attempt)
                            .values(status="pending", error=f"publish failed: {exc}"))
         db.session.commit()
+        job.status, job.error = "pending", f"publish failed: {exc}"
         return False
-    db.session.execute(update(Job).where(Job.id == job.id, Job.attempt == job.attempt)
-                       .values(published_at=utcnow()))
-    db.session.commit()
     logger.info("job queued job_id=%s attempt=%s queue=%s", job.id, job.attempt, queue)
     return True
 
@@ -264,7 +270,7 @@ def requeue(job: Job, reason: str) -> Job:
         return job
     job.attempt += 1
     job.status, job.agent_id, job.error = "queued", None, reason
-    job.queued_at, job.published_at, job.started_at, job.progress = utcnow(), None, None, 0
+    job.queued_at, job.started_at, job.progress = utcnow(), None, 0
     db.session.commit()
     logger.warning("job requeued job_id=%s attempt=%s reason=%s", job.id, job.attempt, reason)
     publish(job)

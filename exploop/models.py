@@ -5,7 +5,7 @@ import json
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import Index, UniqueConstraint
 
 from .extensions import db
 
@@ -81,9 +81,10 @@ def _job_id() -> str:
 
 class Job(db.Model):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
+                      Index("ix_jobs_tenant_status", "tenant_id", "status"))
     id = db.Column(db.String(32), primary_key=True, default=_job_id)
-    tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False, index=True)
+    tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)
     region = db.Column(db.String(64), nullable=False)
     repo_url = db.Column(db.String(2048), nullable=False)
@@ -101,7 +102,6 @@ class Job(db.Model):
     summary_json = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
     queued_at = db.Column(db.DateTime)
-    published_at = db.Column(db.DateTime)
     started_at = db.Column(db.DateTime)
     finished_at = db.Column(db.DateTime)
 
