@@ -1,7 +1,7 @@
 """Dispatch overhead: no-op scan jobs end to end versus raw Celery no-op tasks.
 
 Exploop path: REST submit -> DB commit -> publish -> agent (Celery worker) ->
-claim over HTTP -> no-op scan (EXPLOOP_NOOP_SCANS=1) -> complete over HTTP -> DB.
+claim over HTTP -> no-op scan (EXPLOOP_SIMULATED_SCAN=0) -> complete over HTTP -> DB.
 Baseline: `send_task` of a no-op task to a bare Celery worker with the same
 settings (acks_late, prefetch 1, prefork, same concurrency) on the same Redis.
 Prints jobs/s of each, their ratio, and submit->running latency p50/p99 next to
@@ -64,7 +64,7 @@ def bench_exploop(tmp: Path, redis_url: str, jobs: int, concurrency: int, databa
         agent = Child("agent", [script("exploop-agent")], log_path=tmp / "agent.log", env=dict(
             os.environ, API_URL=url, BOOTSTRAP_TOKEN=token, REGION="bench", CAPABILITIES="secrets",
             MAX_CONCURRENT_JOBS=str(concurrency), HEARTBEAT_INTERVAL="5s", LOG_LEVEL="warn",
-            HOME=str(tmp / "agent-home"), EXPLOOP_NOOP_SCANS="1"))
+            HOME=str(tmp / "agent-home"), EXPLOOP_SIMULATED_SCAN="0"))
         deadline = time.monotonic() + 60
         while not any(a["status"] == "online" for a in requests.get(url + "/admin/v1/agents", headers=h).json()["items"]):
             if time.monotonic() > deadline or not agent.alive():

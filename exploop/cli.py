@@ -43,6 +43,27 @@ def api(host, port, workers, threads, log_level):
     serve(host, port, workers, threads, log_level)
 
 
+@main.command()
+@click.option("--interval", default="2s", show_default=True, help="How often the rules run (e.g. 2s).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def controller(interval, log_level):
+    """Run the controller: lease expiry, requeues, timeouts, Redis repair, fair admission."""
+    import signal
+    from .config import parse_duration
+    from .controller import Controller
+    from .logs import setup_logging
+    setup_logging(log_level.upper())
+    try:
+        seconds = parse_duration(interval, "--interval")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    Controller(_app(), interval=seconds).run_forever(lambda: bool(stop))
+
+
 @main.command("init-db")
 def init_db_command():
     """Create the database tables."""

@@ -111,6 +111,14 @@ _LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING",
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
+def _simulated(env: Mapping[str, str]) -> float | None:
+    """EXPLOOP_SIMULATED_SCAN: benchmarks and fleet tests replace scans with a sleep."""
+    raw = env.get("EXPLOOP_SIMULATED_SCAN")
+    if not raw:
+        return None
+    return 0.0 if raw in ("0", "0s") else parse_duration(raw, "EXPLOOP_SIMULATED_SCAN")
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """The agent's configuration: the runbook's environment variables, validated."""
@@ -126,6 +134,7 @@ class AgentSettings:
     poll_timeout: float = 30.0
     agent_name: str | None = None
     broker_url: str | None = None
+    simulated_scan_seconds: float | None = None
     state_dir: Path = field(default_factory=lambda: Path.home() / ".exploop")
     host: str = field(default_factory=socket.gethostname)
 
@@ -179,5 +188,6 @@ class AgentSettings:
             poll_timeout=parse_duration(env.get("POLL_TIMEOUT", "30s"), "POLL_TIMEOUT"),
             agent_name=env.get("AGENT_NAME") or None,
             broker_url=env.get("BROKER_URL") or None,
+            simulated_scan_seconds=_simulated(env),
             state_dir=state_dir,
         )

@@ -155,9 +155,13 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     now = utcnow()
     changed = {k: body[k] for k in ("version", "host", "nodename")
                if body.get(k) and body[k] != getattr(agent, k)}
-    if changed or agent.last_seen is None or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
+    if changed or agent.last_seen is None or agent.lease_expired_at is not None \
+            or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
         for key, value in changed.items():
             setattr(agent, key, value)
-        agent.last_seen = now
+        if agent.lease_expired_at is not None:
+            logger.info("agent back online agent=%s offline_since=%s", agent.name,
+                        agent.lease_expired_at.isoformat())
+        agent.last_seen, agent.lease_expired_at = now, None
         db.session.commit()
     return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}

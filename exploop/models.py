@@ -45,6 +45,8 @@ class Agent(db.Model):
     host = db.Column(db.String(255))
     nodename = db.Column(db.String(255))  # Celery node name, for remote control
     last_seen = db.Column(db.DateTime)
+    # Set by the controller when it finds the lease gone (logged once), cleared on renewal.
+    lease_expired_at = db.Column(db.DateTime)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
 
     @property

@@ -1,8 +1,8 @@
 """``exploop up``: the whole stack on one machine, as child processes we own.
 
 Redis (REDIS_URL if given, else a private ``redis-server`` on a free loopback
-port), the API on SQLite under ``.exploop/``, one agent with every capability,
-and Flower. It creates an admin token and a tenant (saved in
+port), the API on SQLite under ``.exploop/``, the controller, one agent with
+every capability, and Flower. It creates an admin token and a tenant (saved in
 ``.exploop/credentials.json``, mode 0600, since keys are shown only once),
 prints how to use them, runs a demo scan, and stops every child on Ctrl-C.
 """
@@ -82,6 +82,7 @@ class LocalStack:
         api = self._spawn("api", [script("exploop"), "api", "--port", str(self.api_port),
                                   "--workers", "1", "--threads", "16"], env)
         wait_http(self.api_url + "/health", 30, api)
+        self._spawn("controller", [script("exploop"), "controller", "--interval", "2s"], env)
         agent_home = self.dir / "agent"
         agent_env = dict(os.environ, API_URL=self.api_url, EXPLOOP_STATE_DIR=str(agent_home),
                          REGION=REGION, CAPABILITIES="sast,sca,secrets", MAX_CONCURRENT_JOBS="2",

@@ -125,6 +125,7 @@ class Stack:
                         EXPLOOP_REDIS_URL=redis_url, EXPLOOP_ALLOW_LOCAL_REPOS="true",
                         EXPLOOP_REGIONS="us-east-1", **(extra_env or {}))
         self.api = None
+        self.controller = None
         self.agents: list[Child] = []
         self.admin_token = None
 
@@ -138,6 +139,14 @@ class Stack:
             out = subprocess.run([script("exploop"), "create-admin-token", "--name", "tests"],
                                  env=self.env, capture_output=True, text=True, check=True)
             self.admin_token = out.stdout.strip()
+
+    def stop_api(self) -> None:
+        self.api.stop()
+
+    def start_controller(self, interval: str = "0.5s") -> Child:
+        self.controller = Child("controller", [script("exploop"), "controller", "--interval", interval],
+                                env=self.env, log_path=self.tmp / f"controller-{self.port}.log")
+        return self.controller
 
     def admin(self, method: str, path: str, **kw) -> requests.Response:
         return requests.request(method, self.url + path, headers=auth(self.admin_token), timeout=30, **kw)
@@ -195,9 +204,31 @@ class Stack:
         raise AssertionError(f"job not {statuses} after {timeout}s: {job}\n"
                              + "\n".join(a.output()[-3000:] for a in self.agents))
 
+    def submit(self, tenant_key: str, **fields) -> str:
+        body = {"repo_url": "https://git.example.invalid/acme/app.git", "capability": "secrets",
+                "region": "us-east-1", **fields}
+        reply = requests.post(f"{self.url}/api/v1/jobs", headers=auth(tenant_key), json=body, timeout=30)
+        assert reply.status_code == 201, reply.text
+        return reply.json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        return self.admin("GET", f"/admin/v1/jobs/{job_id}").json()
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
+                             + "\n".join(f"--- {a.name}\n{a.output()[-1500:]}" for a in self.agents))
+
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop(timeout=20)
+        if self.controller:
+            self.controller.stop()
         if self.api:
             self.api.stop()
 

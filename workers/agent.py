@@ -48,7 +48,8 @@ class AgentRuntime:
     host: str
     desired_state: str = "active"
     version: str = __version__
-    noop_scans: bool = False
+    # Simulated scans (benchmarks and fleet tests only): sleep this long, report no findings.
+    simulated_scan_seconds: float | None = None
     auth_failed: bool = False
     lease_manager: object = None
     client: PlatformClient = field(default=None, repr=False)
@@ -154,7 +155,7 @@ def build_runtime(settings: AgentSettings) -> tuple[AgentRuntime, dict]:
         max_jobs=settings.max_concurrent_jobs or identity["max_jobs"],
         heartbeat_interval=settings.heartbeat_interval, host=settings.host,
         desired_state=identity["desired_state"], client=client,
-        noop_scans=os.environ.get("EXPLOOP_NOOP_SCANS") == "1")
+        simulated_scan_seconds=settings.simulated_scan_seconds)
     return runtime, config
 
 

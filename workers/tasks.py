@@ -67,8 +67,9 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     job_id, attempt = spec["id"], spec["attempt"]
     started = time.monotonic()
     try:
-        if runtime.noop_scans:  # benchmark mode: measures the dispatch path only
-            findings, summary = [], {"engines": []}
+        if runtime.simulated_scan_seconds is not None:  # benchmarks and fleet tests only
+            time.sleep(runtime.simulated_scan_seconds)
+            findings, summary = [], {"engines": [], "simulated": True}
         else:
             findings, summary = _scan(client, spec, started + spec["time_limit"])
     except JobError as exc:
