@@ -121,6 +121,7 @@ class Controller:
             if agent.last_seen is not None and agent.lease_expired_at is None:
                 agent.lease_expired_at = utcnow()
                 db.session.commit()
+                leases.forget(agent.key_hash)  # its next renewal goes through the database
                 logger.error("lease expired agent=%s region=%s last_seen=%s",
                              agent.name, agent.region, agent.last_seen.isoformat())
             running = db.session.scalars(select(Job).where(

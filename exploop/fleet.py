@@ -22,6 +22,7 @@ from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token
 logger = logging.getLogger(__name__)
 
 __all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
+           "renew_lease_cached", "forget_agent", "lease_ttl",
            "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
 
 #: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
@@ -145,13 +146,38 @@ def create_bootstrap_token(actor: str, max_uses: int, expires: str) -> tuple[Boo
     return token, raw
 
 
-def renew_lease(agent: Agent, body: dict) -> dict:
-    """Renew the agent's lease (TTL = 3 x its heartbeat interval) and return its desired state."""
+def lease_ttl(body: dict) -> float:
+    """3 x the agent's heartbeat interval, within the configured bounds."""
     config = current_app.config
     ttl = 3 * body["heartbeat_interval"]
-    ttl = min(max(ttl, parse_duration(config["LEASE_TTL_MIN"])), parse_duration(config["LEASE_TTL_MAX"]))
-    body = dict(body, max_jobs=body.get("max_jobs") or agent.max_jobs)
-    current_app.extensions["leases"].renew(agent.name, body, ttl)
+    return min(max(ttl, parse_duration(config["LEASE_TTL_MIN"])), parse_duration(config["LEASE_TTL_MAX"]))
+
+
+def renew_lease_cached(key_hash: str, body: dict) -> dict | None:
+    """The hot path: renew through the Redis identity cache, no database; None on a miss."""
+    ttl = lease_ttl(body)
+    identity = current_app.extensions["leases"].renew_by_key(key_hash, body, ttl)
+    if identity is None:
+        return None
+    return {"agent": identity["name"], "desired_state": identity["desired_state"],
+            "lease_ttl": int(round(ttl))}
+
+
+def forget_agent(agent: Agent) -> None:
+    """Invalidate the agent's cached identity after its record changed."""
+    current_app.extensions["leases"].forget(agent.key_hash)
+
+
+def renew_lease(agent: Agent, body: dict) -> dict:
+    """Renew the agent's lease (TTL = 3 x its heartbeat interval) and return its desired state.
+
+    This slow path reads and updates the record (last_seen at most once a
+    minute), then caches the identity for a minute so the next renewals skip the
+    database.
+    """
+    ttl = lease_ttl(body)
+    leases = current_app.extensions["leases"]
+    leases.renew(agent.name, body, ttl)
     now = utcnow()
     changed = {k: body[k] for k in ("version", "host", "nodename")
                if body.get(k) and body[k] != getattr(agent, k)}
@@ -164,4 +190,6 @@ def renew_lease(agent: Agent, body: dict) -> dict:
                         agent.lease_expired_at.isoformat())
         agent.last_seen, agent.lease_expired_at = now, None
         db.session.commit()
+    leases.remember(agent.key_hash, {"name": agent.name, "desired_state": agent.desired_state},
+                    LAST_SEEN_WRITE_INTERVAL.total_seconds())
     return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}

@@ -11,9 +11,21 @@ import time
 
 import redis
 
-__all__ = ["LeaseStore", "LEASE_PREFIX"]
+__all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX"]
 
 LEASE_PREFIX = "exploop:lease:"
+#: Agent identity by key hash, cached for the lease hot path (expires, and is
+#: deleted whenever the agent record changes; the database stays the truth).
+IDENTITY_PREFIX = "exploop:agent-key:"
+
+# One round trip: find the agent by key hash, and renew its lease if found.
+_RENEW_BY_KEY = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local name = cjson.decode(raw)['name']
+redis.call('SET', ARGV[3] .. name, ARGV[1], 'EX', tonumber(ARGV[2]))
+return raw
+"""
 
 
 class LeaseStore:
@@ -21,6 +33,7 @@ class LeaseStore:
 
     def __init__(self, client: redis.Redis):
         self.redis = client
+        self._renew_by_key = client.register_script(_RENEW_BY_KEY)
 
     @staticmethod
     def key(agent: str) -> str:
@@ -30,6 +43,21 @@ class LeaseStore:
         """Store the agent's report and (re)start its TTL."""
         value = dict(body, renewed_at=time.time())
         self.redis.set(self.key(agent), json.dumps(value), ex=max(1, int(round(ttl))))
+
+    def renew_by_key(self, key_hash: str, body: dict, ttl: float) -> dict | None:
+        """Renew the lease of the cached agent with this key hash; None if not cached."""
+        value = json.dumps(dict(body, renewed_at=time.time()))
+        raw = self._renew_by_key(keys=[IDENTITY_PREFIX + key_hash],
+                                 args=[value, max(1, int(round(ttl))), LEASE_PREFIX])
+        return json.loads(raw) if raw else None
+
+    def remember(self, key_hash: str, identity: dict, ttl: float) -> None:
+        """Cache an agent's identity for ``renew_by_key``."""
+        self.redis.set(IDENTITY_PREFIX + key_hash, json.dumps(identity), ex=max(1, int(ttl)))
+
+    def forget(self, key_hash: str) -> None:
+        """Drop a cached identity: the next renewal reads the database."""
+        self.redis.delete(IDENTITY_PREFIX + key_hash)
 
     def release(self, agent: str) -> None:
         """Drop a lease at once (graceful stop, deleted agent)."""

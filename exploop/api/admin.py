@@ -156,6 +156,7 @@ def _set_desired_state(name: str, state: str) -> dict:
     agent.desired_state = state
     fleet.audit(g.admin.name, "drain agent" if state == "draining" else "uncordon agent", name)
     db.session.commit()
+    fleet.forget_agent(agent)
     view = fleet.describe_agents([agent])[0]
     _broadcast_queues(agent, view.get("nodename"), state)
     return view
@@ -198,12 +199,16 @@ def uncordon_agent(name):
 def delete_agent(name):
     """Delete an agent record: its key stops working on its next request."""
     agent = _agent(name)
+    # Forget the cached identity before and after the delete, so no renewal can slip in.
+    fleet.forget_agent(agent)
     for job in db.session.scalars(select(Job).where(Job.agent_id == agent.id, Job.status == "running")):
         jobs.requeue(job, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
     db.session.delete(agent)
     fleet.audit(g.admin.name, "delete agent", name)
     db.session.commit()
+    fleet.forget_agent(agent)
+    current_app.extensions["leases"].release(agent.name)
 
 
 # --- jobs -----------------------------------------------------------------------

@@ -6,7 +6,8 @@ from . import Blueprint
 
 from .. import fleet, jobs
 from ..config import parse_duration
-from .auth import agent_required
+from ..security import AGENT_PREFIX, hash_token
+from .auth import agent_required, bearer_token
 from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimOut, CompleteIn, FailIn, JobStateOut,
                       LeaseIn, LeaseOut, ProgressIn, RegisterIn, RegisterOut)
 
@@ -15,7 +16,7 @@ bp = Blueprint("platform", __name__, url_prefix="/platform",
 
 
 @bp.post("/register")
-@bp.arguments(RegisterIn)
+@bp.arguments(RegisterIn())
 @bp.response(201, RegisterOut)
 def register(data):
     """Exchange a bootstrap token for an agent record and its API key (shown once)."""
@@ -37,11 +38,20 @@ def agent_config():
 
 
 @bp.put("/lease")
-@bp.arguments(LeaseIn)
+@bp.arguments(LeaseIn())
 @bp.response(200, LeaseOut)
-@agent_required
 def renew_lease(body):
     """Renew this agent's lease; the answer carries its desired state and lease TTL."""
+    token = bearer_token()
+    if token and token.startswith(AGENT_PREFIX):
+        reply = fleet.renew_lease_cached(hash_token(token), body)
+        if reply is not None:
+            return reply
+    return _renew_from_database(body)
+
+
+@agent_required
+def _renew_from_database(body):
     return fleet.renew_lease(g.agent, body)
 
 
@@ -54,7 +64,7 @@ def release_lease():
 
 
 @bp.post("/jobs/<job_id>/claim")
-@bp.arguments(AttemptIn)
+@bp.arguments(AttemptIn())
 @bp.response(200, ClaimOut)
 @agent_required
 def claim(body, job_id):
@@ -63,7 +73,7 @@ def claim(body, job_id):
 
 
 @bp.post("/jobs/<job_id>/progress")
-@bp.arguments(ProgressIn)
+@bp.arguments(ProgressIn())
 @bp.response(200, JobStateOut)
 @agent_required
 def progress(body, job_id):
@@ -72,7 +82,7 @@ def progress(body, job_id):
 
 
 @bp.post("/jobs/<job_id>/complete")
-@bp.arguments(CompleteIn)
+@bp.arguments(CompleteIn())
 @bp.response(200, JobStateOut)
 @agent_required
 def complete(body, job_id):
@@ -81,7 +91,7 @@ def complete(body, job_id):
 
 
 @bp.post("/jobs/<job_id>/fail")
-@bp.arguments(FailIn)
+@bp.arguments(FailIn())
 @bp.response(200, JobStateOut)
 @agent_required
 def fail(body, job_id):

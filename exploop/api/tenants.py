@@ -36,7 +36,7 @@ def tenant_job(job_id: str) -> Job:
 
 
 @bp.post("/jobs")
-@bp.arguments(JobCreate)
+@bp.arguments(JobCreate())
 @bp.response(201, JobOut)
 @bp.alt_response(200, schema=JobOut, description="Replay of an earlier request with the same Idempotency-Key")
 @tenant_required
@@ -50,7 +50,7 @@ def create_job(data):
 
 
 @bp.get("/jobs")
-@bp.arguments(JobListArgs, location="query")
+@bp.arguments(JobListArgs(), location="query")
 @bp.response(200, JobPage)
 @tenant_required
 def list_jobs(args):
@@ -70,7 +70,7 @@ def get_job(job_id):
 
 
 @bp.get("/jobs/<job_id>/findings")
-@bp.arguments(PageArgs, location="query")
+@bp.arguments(PageArgs(), location="query")
 @bp.response(200, FindingPage)
 @tenant_required
 def list_findings(args, job_id):
