@@ -1,0 +1,1 @@
+"""``exploop-admin``: the admin CLI, an HTTP client of ``/admin/v1``."""

@@ -67,22 +67,26 @@ class LeaseStore:
         """Return the lease body with its remaining ``ttl``, or None when expired."""
         return self.get_many([agent])[agent]
 
-    def get_many(self, agents: list[str]) -> dict[str, dict | None]:
-        """Fetch many leases in one pipelined round trip."""
+    def get_many(self, agents: list[str], with_ttl: bool = True) -> dict[str, dict | None]:
+        """Fetch many leases in one pipelined round trip (``with_ttl=False``: one MGET)."""
         if not agents:
             return {}
+        keys = [self.key(name) for name in agents]
         pipe = self.redis.pipeline(transaction=False)
-        for name in agents:
-            pipe.get(self.key(name))
-            pipe.ttl(self.key(name))
-        replies = pipe.execute()
+        # One MGET for the bodies instead of a GET per agent: half the commands to
+        # encode and parse, which is most of the cost for a page of 500 agents.
+        pipe.mget(keys)
+        if with_ttl:
+            for key in keys:
+                pipe.ttl(key)
+        values, *ttls = pipe.execute()
         leases = {}
-        for i, name in enumerate(agents):
-            raw, ttl = replies[2 * i], replies[2 * i + 1]
+        for i, (name, raw) in enumerate(zip(agents, values)):
             if raw is None:
                 leases[name] = None
             else:
                 lease = json.loads(raw)
-                lease["ttl"] = max(ttl, 0)
+                if with_ttl:
+                    lease["ttl"] = max(ttls[i], 0)
                 leases[name] = lease
         return leases

@@ -6,23 +6,28 @@ is written to the audit log.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
+import redis
 from flask import current_app, g
-from . import Blueprint
 from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
 
-from .. import fleet, jobs
+from .. import __version__, fleet, jobs
 from ..celery_app import queue_depths
 from ..errors import ApiError
 from ..extensions import db
-from ..models import Agent, BootstrapToken, Job, Tenant, utcnow
+from ..models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..routing import queues_for
-from ..security import TENANT_PREFIX, hash_token, new_token
+from ..security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
+from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
-from .schemas import (AdminJobListArgs, Extended, AdminJobOut, AdminJobPage, AgentCreate, AgentCreated,
-                      AgentListArgs, AgentOut, AgentPage, PageArgs, TenantCreate, TenantCreated, TenantPage,
+from .schemas import (AdminJobListArgs, AdminTokenCreate, AdminTokenCreated, AdminTokenOut,
+                      AdminTokenPage, AgentCreate, AgentCreated, AgentDetailOut, AgentListArgs,
+                      AgentOut, AgentPage, AuditListArgs, AuditPage, AdminJobOut, AdminJobPage,
+                      ClusterInfoOut, Extended, PageArgs, TenantCreate, TenantCreated, TenantPage,
                       TokenCreate, TokenCreated, TokenOut, TokenPage)
 from .tenants import paged
 
@@ -30,6 +35,23 @@ logger = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin/v1",
                description="Fleet administration (admin token: radmin_...)")
+
+#: Jobs shown with ``GET /admin/v1/agents/<name>`` (``exploop-admin describe agent``).
+RECENT_JOBS = 10
+
+
+@bp.before_request
+def _start_timer():
+    g.admin_request_started = time.perf_counter()
+
+
+@bp.after_request
+def _server_timing(response):
+    """``Server-Timing: app;dur=<ms>``: time spent in the API, for operators and the benchmark."""
+    started = g.get("admin_request_started")
+    if started is not None:
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+    return response
 
 
 def _agent(name: str) -> Agent:
@@ -42,7 +64,7 @@ def _agent(name: str) -> Agent:
 # --- tenants ------------------------------------------------------------------
 
 @bp.post("/tenants")
-@bp.arguments(TenantCreate)
+@bp.arguments(TenantCreate())
 @bp.response(201, TenantCreated)
 @admin_required("admin")
 def create_tenant(data):
@@ -58,7 +80,7 @@ def create_tenant(data):
 
 
 @bp.get("/tenants")
-@bp.arguments(PageArgs, location="query")
+@bp.arguments(PageArgs(), location="query")
 @bp.response(200, TenantPage)
 @admin_required()
 def list_tenants(args):
@@ -73,7 +95,7 @@ def _token_view(record: BootstrapToken, **extra) -> Extended:
 
 
 @bp.post("/tokens")
-@bp.arguments(TokenCreate)
+@bp.arguments(TokenCreate())
 @bp.response(201, TokenCreated)
 @admin_required("admin")
 def create_token(data):
@@ -83,7 +105,7 @@ def create_token(data):
 
 
 @bp.get("/tokens")
-@bp.arguments(PageArgs, location="query")
+@bp.arguments(PageArgs(), location="query")
 @bp.response(200, TokenPage)
 @admin_required()
 def list_tokens(args):
@@ -111,19 +133,20 @@ def revoke_token(token_id):
 # --- agents ---------------------------------------------------------------------
 
 @bp.post("/agents")
-@bp.arguments(AgentCreate)
+@bp.arguments(AgentCreate())
 @bp.response(201, AgentCreated)
 @admin_required("admin")
 def create_agent(data):
     """Create an agent record with a pre-assigned key (shown once)."""
     agent, key = fleet.create_agent(data["name"], data["region"], data["capabilities"], data["max_jobs"])
-    fleet.audit(g.admin.name, "create agent", agent.name)
+    fleet.audit(g.admin.name, "create agent", agent.name,
+                f"region={agent.region} capabilities={agent.capabilities} max_jobs={agent.max_jobs}")
     db.session.commit()
     return dict(fleet.describe_agents([agent])[0], api_key=key)
 
 
 @bp.get("/agents")
-@bp.arguments(AgentListArgs, location="query")
+@bp.arguments(AgentListArgs(), location="query")
 @bp.response(200, AgentPage)
 @admin_required()
 def list_agents(args):
@@ -144,11 +167,16 @@ def list_agents(args):
 
 
 @bp.get("/agents/<name>")
-@bp.response(200, AgentOut)
+@bp.response(200, AgentDetailOut)
 @admin_required()
 def get_agent(name):
-    """One agent with its lease, load and state."""
-    return fleet.describe_agents([_agent(name)])[0]
+    """One agent with its lease, load, state and the jobs it ran most recently."""
+    view = fleet.describe_agents([_agent(name)])[0]
+    recent = (select(Job).options(selectinload(Job.tenant)).where(Job.agent_name == name)
+              .order_by(func.coalesce(Job.started_at, Job.created_at).desc(), Job.id)
+              .limit(RECENT_JOBS))
+    view["recent_jobs"] = db.session.scalars(recent).all()
+    return view
 
 
 def _set_desired_state(name: str, state: str) -> dict:
@@ -201,11 +229,13 @@ def delete_agent(name):
     agent = _agent(name)
     # Forget the cached identity before and after the delete, so no renewal can slip in.
     fleet.forget_agent(agent)
-    for job in db.session.scalars(select(Job).where(Job.agent_id == agent.id, Job.status == "running")):
+    running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
+                                                   Job.status == "running")).all()
+    for job in running:
         jobs.requeue(job, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
     db.session.delete(agent)
-    fleet.audit(g.admin.name, "delete agent", name)
+    fleet.audit(g.admin.name, "delete agent", name, f"requeued_jobs={len(running)}")
     db.session.commit()
     fleet.forget_agent(agent)
     current_app.extensions["leases"].release(agent.name)
@@ -214,16 +244,20 @@ def delete_agent(name):
 # --- jobs -----------------------------------------------------------------------
 
 @bp.get("/jobs")
-@bp.arguments(AdminJobListArgs, location="query")
+@bp.arguments(AdminJobListArgs(), location="query")
 @bp.response(200, AdminJobPage)
 @admin_required()
 def list_jobs(args):
     """Jobs of every tenant, newest first."""
-    query = select(Job)
+    query = select(Job).options(selectinload(Job.tenant))
     if args.get("status"):
         query = query.where(Job.status == args["status"])
     if args.get("tenant"):
         query = query.join(Tenant).where(Tenant.name == args["tenant"])
+    if args.get("agent"):
+        query = query.where(Job.agent_name == args["agent"])
+    if args.get("since"):
+        query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
     return paged(query.order_by(Job.created_at.desc(), Job.id), args)
 
 
@@ -254,26 +288,45 @@ def retry_job(job_id):
 
 
 @bp.get("/cluster-info")
+@bp.response(200, ClusterInfoOut)
 @admin_required()
 def cluster_info():
     """Fleet overview: dependencies, agents by region, capacity, queue depth, jobs."""
-    agents = fleet.describe_agents(db.session.scalars(select(Agent).order_by(Agent.name)).all())
-    regions: dict[str, dict] = {}
-    queues = set()
-    for view in agents:
-        region = regions.setdefault(view["region"], {"online": 0, "draining": 0, "offline": 0,
-                                                     "disabled": 0, "jobs_running": 0, "capacity": 0})
-        region[view["status"]] += 1
-        if view["status"] in ("online", "draining"):
-            region["jobs_running"] += view["jobs_running"]
-            region["capacity"] += view["max_jobs"] if view["status"] == "online" else 0
-        queues.update(queues_for(view["capabilities"], view["region"]))
-    queues.update(current_app.extensions["celery"].amqp.queues.keys())
     checks = check_dependencies()
+    # Columns, not ORM objects, and lease bodies without TTLs: one query and one MGET
+    # even for a fleet of thousands.
+    agents = db.session.execute(select(Agent.name, Agent.region, Agent.capabilities, Agent.max_jobs,
+                                       Agent.desired_state, Agent.disabled)).all()
+    try:
+        leases = current_app.extensions["leases"].get_many([a.name for a in agents], with_ttl=False)
+    except redis.RedisError:
+        leases = None  # unreadable: report what the database knows rather than fail
+    regions: dict[str, dict] = {}
+    by_status: dict[str, int] = {}
+    placements = set()
+    for agent in agents:
+        lease = leases.get(agent.name) if leases is not None else None
+        if leases is None and not agent.disabled:
+            status = "unknown"
+        else:
+            status = fleet.agent_status(agent, lease)
+        by_status[status] = by_status.get(status, 0) + 1
+        region = regions.setdefault(agent.region, {"online": 0, "draining": 0, "offline": 0,
+                                                   "disabled": 0, "unknown": 0, "jobs_running": 0,
+                                                   "capacity": 0})
+        region[status] += 1
+        if status in ("online", "draining"):
+            region["jobs_running"] += int(lease.get("jobs_running", 0))
+            if status == "online":
+                region["capacity"] += int(lease.get("max_jobs") or agent.max_jobs)
+        placements.add((agent.capabilities, agent.region))
+    queues = set(current_app.extensions["celery"].amqp.queues.keys())
+    for capabilities, region in placements:
+        queues.update(queues_for([c for c in capabilities.split(",") if c], region))
     try:
         depths = queue_depths(current_app.extensions["redis"], queues)
-    except Exception:
-        depths = {}
+    except redis.RedisError:
+        depths = {name: None for name in sorted(queues)}
     since = utcnow() - timedelta(hours=24)
     counts = dict(db.session.execute(select(Job.status, func.count()).where(
         Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
@@ -282,9 +335,8 @@ def cluster_info():
     counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
         Job.status == "completed", Job.finished_at >= since))
     return {
-        "api": "ok", **checks,
-        "agents": {"total": len(agents), "by_status": _count(v["status"] for v in agents),
-                   "by_region": regions},
+        "api": "ok", "version": __version__, **checks,
+        "agents": {"total": len(agents), "by_status": by_status, "by_region": regions},
         "capacity": {"used": sum(r["jobs_running"] for r in regions.values()),
                      "total": sum(r["capacity"] for r in regions.values())},
         "queues": depths,
@@ -293,8 +345,64 @@ def cluster_info():
     }
 
 
-def _count(values) -> dict[str, int]:
-    result: dict[str, int] = {}
-    for value in values:
-        result[value] = result.get(value, 0) + 1
-    return result
+# --- audit log ------------------------------------------------------------------
+
+@bp.get("/audit")
+@bp.arguments(AuditListArgs(), location="query")
+@bp.response(200, AuditPage)
+@admin_required()
+def list_audit(args):
+    """The audit log, newest first: who did what to which object, and when."""
+    query = select(AuditEvent)
+    for column in ("actor", "action", "target"):
+        if args.get(column):
+            query = query.where(getattr(AuditEvent, column) == args[column])
+    if args.get("since"):
+        query = query.where(AuditEvent.created_at >= utcnow() - timedelta(seconds=args["since"]))
+    return paged(query.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()), args)
+
+
+# --- admin tokens ---------------------------------------------------------------
+
+def _admin_token_view(record: AdminToken, **extra) -> Extended:
+    return Extended(record, status="revoked" if record.revoked_at else "active", **extra)
+
+
+@bp.get("/admin-tokens")
+@bp.arguments(PageArgs(), location="query")
+@bp.response(200, AdminTokenPage)
+@admin_required()
+def list_admin_tokens(args):
+    """List admin tokens: names and roles, never their values."""
+    page = paged(select(AdminToken).order_by(AdminToken.id), args)
+    page["items"] = [_admin_token_view(t) for t in page["items"]]
+    return page
+
+
+@bp.post("/admin-tokens")
+@bp.arguments(AdminTokenCreate())
+@bp.response(201, AdminTokenCreated)
+@admin_required("admin")
+def create_admin_token(data):
+    """Create an admin token (role ``admin`` or read-only ``viewer``); shown once."""
+    raw = new_token(ADMIN_PREFIX)
+    token = AdminToken(name=data["name"], role=data["role"], token_hash=hash_token(raw))
+    db.session.add(token)
+    fleet.audit(g.admin.name, "create admin token", data["name"], f"role={data['role']}")
+    db.session.commit()
+    return _admin_token_view(token, token=raw)
+
+
+@bp.post("/admin-tokens/<int:token_id>/revoke")
+@bp.response(200, AdminTokenOut)
+@admin_required("admin")
+def revoke_admin_token(token_id):
+    """Revoke an admin token: it is refused from its next request on."""
+    token = db.session.get(AdminToken, token_id)
+    if token is None:
+        raise ApiError(404, f"admin token {token_id} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        fleet.audit(g.admin.name, "revoke admin token", token.name, f"id={token.id}")
+        db.session.commit()
+    return _admin_token_view(token)

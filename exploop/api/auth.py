@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from ..errors import ApiError
 from ..extensions import db
+from ..fleet import audit
 from ..models import AdminToken, Agent, Tenant
 from ..security import hash_token, matches
 
@@ -43,11 +44,12 @@ def _lookup(model, token: str | None, prefix: str):
 _HASH = {Agent: "key_hash", Tenant: "key_hash", AdminToken: "token_hash"}
 
 
-def _unauthorized(kind: str):
-    logger.warning("authentication failed audience=%s path=%s remote=%s",
-                   kind, request.path, request.remote_addr)
-    return ApiError(401, "authentication failed", {"audience": kind},
-                    headers={"WWW-Authenticate": 'Bearer realm="exploop"'})
+def _unauthorized(kind: str, reason: str | None = None):
+    logger.warning("authentication failed audience=%s path=%s remote=%s%s",
+                   kind, request.path, request.remote_addr, f" reason={reason}" if reason else "")
+    detail = {"audience": kind, **({"reason": reason} if reason else {})}
+    message = f"authentication failed: {kind} token {reason}" if reason else "authentication failed"
+    return ApiError(401, message, detail, headers={"WWW-Authenticate": 'Bearer realm="exploop"'})
 
 
 def agent_required(view):
@@ -75,14 +77,23 @@ def tenant_required(view):
 
 
 def admin_required(role: str = "viewer"):
-    """Require an admin token (``radmin_...``); ``role="admin"`` for changes."""
+    """Require an admin token (``radmin_...``); ``role="admin"`` for changes.
+
+    A revoked token is told so (its holder can do nothing with that knowledge), and
+    a change refused for lack of role is written to the audit log.
+    """
     def decorator(view):
         @functools.wraps(view)
         def wrapper(*args, **kwargs):
             token = _lookup(AdminToken, bearer_token(), "radmin_")
-            if token is None or token.revoked_at is not None:
+            if token is None:
                 raise _unauthorized("admin")
+            if token.revoked_at is not None:
+                raise _unauthorized("admin", "revoked")
             if role == "admin" and token.role != "admin":
+                audit(token.name, "permission denied", f"{request.method} {request.path}",
+                      f"role={token.role}")
+                db.session.commit()
                 raise ApiError(403, f"admin token {token.name!r} has role {token.role!r};"
                                     " this action needs 'admin'")
             g.admin = token

@@ -216,6 +216,21 @@ class JobStateOut(Strict):
 
 # --- admin ------------------------------------------------------------------
 
+class Duration(fields.String):
+    """A lifetime or window such as ``30m``, ``24h`` or ``7d``, loaded as seconds."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        # Imported here so the module's shared header stays as it is.
+        from marshmallow import ValidationError
+
+        from ..config import parse_duration
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parse_duration(value, "duration")
+        except ValueError as exc:  # the message names the field already: drop the prefix
+            raise ValidationError(str(exc).removeprefix("duration: ")) from None
+
+
 class TenantCreate(Strict):
     name = fields.String(required=True, validate=_NAME)
 
@@ -308,3 +323,103 @@ class AdminJobPage(Page):
 
 class AdminJobListArgs(JobListArgs):
     tenant = fields.String(validate=_NAME)
+    agent = fields.String(validate=_NAME, metadata={"description": "jobs last held by this agent"})
+    since = Duration(metadata={"description": "only jobs created in this window, e.g. 24h"})
+
+
+class AgentJobOut(Strict):
+    id = fields.String()
+    status = fields.String()
+    capability = fields.String()
+    tenant = fields.Function(lambda job: job.tenant.name)
+    attempt = fields.Integer()
+    progress = fields.Integer()
+    created_at = UTCDateTime()
+    started_at = UTCDateTime(allow_none=True)
+    finished_at = UTCDateTime(allow_none=True)
+
+
+class AgentDetailOut(AgentOut):
+    recent_jobs = fields.List(fields.Nested(AgentJobOut))
+
+
+class AuditEventOut(Strict):
+    id = fields.Integer()
+    created_at = UTCDateTime()
+    actor = fields.String()
+    action = fields.String()
+    target = fields.String(allow_none=True)
+    detail = fields.String(allow_none=True)
+
+
+class AuditPage(Page):
+    items = fields.List(fields.Nested(AuditEventOut))
+
+
+class AuditListArgs(PageArgs):
+    actor = fields.String(validate=validate.Length(max=100))
+    action = fields.String(validate=validate.Length(max=64))
+    target = fields.String(validate=validate.Length(max=255))
+    since = Duration(metadata={"description": "only events in this window, e.g. 24h"})
+
+
+class AdminTokenCreate(Strict):
+    name = fields.String(required=True, validate=_NAME)
+    role = fields.String(load_default="viewer", validate=validate.OneOf(("admin", "viewer")))
+
+
+class AdminTokenOut(Strict):
+    id = fields.Integer()
+    name = fields.String()
+    role = fields.String()
+    status = fields.String()
+    revoked_at = UTCDateTime(allow_none=True)
+    created_at = UTCDateTime()
+
+
+class AdminTokenCreated(AdminTokenOut):
+    token = fields.String()
+
+
+class AdminTokenPage(Page):
+    items = fields.List(fields.Nested(AdminTokenOut))
+
+
+class RegionInfo(Strict):
+    online = fields.Integer()
+    draining = fields.Integer()
+    offline = fields.Integer()
+    disabled = fields.Integer()
+    unknown = fields.Integer()
+    jobs_running = fields.Integer()
+    capacity = fields.Integer()
+
+
+class AgentsInfo(Strict):
+    total = fields.Integer()
+    by_status = fields.Dict(keys=fields.String(), values=fields.Integer())
+    by_region = fields.Dict(keys=fields.String(), values=fields.Nested(RegionInfo))
+
+
+class CapacityInfo(Strict):
+    used = fields.Integer()
+    total = fields.Integer()
+
+
+class JobCounts(Strict):
+    pending = fields.Integer()
+    queued = fields.Integer()
+    running = fields.Integer()
+    failed_24h = fields.Integer()
+    completed_24h = fields.Integer()
+
+
+class ClusterInfoOut(Strict):
+    api = fields.String()
+    version = fields.String()
+    database = fields.String()
+    redis = fields.String()
+    agents = fields.Nested(AgentsInfo)
+    capacity = fields.Nested(CapacityInfo)
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
+    jobs = fields.Nested(JobCounts)
