@@ -63,7 +63,7 @@ def bench_exploop(tmp: Path, redis_url: str, jobs: int, concurrency: int, databa
         token = requests.post(url + "/admin/v1/tokens", json={"max_uses": 1}, headers=h).json()["token"]
         agent = Child("agent", [script("exploop-agent")], log_path=tmp / "agent.log", env=dict(
             os.environ, API_URL=url, BOOTSTRAP_TOKEN=token, REGION="bench", CAPABILITIES="secrets",
-            MAX_CONCURRENT_JOBS=str(concurrency), HEARTBEAT_INTERVAL="5s", LOG_LEVEL="warn",
+            MAX_CONCURRENT_JOBS=str(concurrency), HEARTBEAT_INTERVAL="5s", LOG_LEVEL="warn", METRICS_PORT="off",
             HOME=str(tmp / "agent-home"), EXPLOOP_SIMULATED_SCAN="0"))
         deadline = time.monotonic() + 60
         while not any(a["status"] == "online" for a in requests.get(url + "/admin/v1/agents", headers=h).json()["items"]):

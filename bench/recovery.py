@@ -53,7 +53,7 @@ def main() -> None:
                 token = requests.post(url + "/admin/v1/tokens", json={}, headers=h).json()["token"]
                 child = Child(name, [script("exploop-agent")], log_path=tmp / f"{name}.log", env=dict(
                     os.environ, API_URL=url, BOOTSTRAP_TOKEN=token, REGION=region, CAPABILITIES="secrets",
-                    MAX_CONCURRENT_JOBS="1", HEARTBEAT_INTERVAL=args.interval, LOG_LEVEL="warn",
+                    MAX_CONCURRENT_JOBS="1", HEARTBEAT_INTERVAL=args.interval, LOG_LEVEL="warn", METRICS_PORT="off",
                     HOME=str(tmp / f"home-{name}"), EXPLOOP_SIMULATED_SCAN="1h", AGENT_NAME=name))
                 children.append(child)
                 return child

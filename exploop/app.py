@@ -51,7 +51,30 @@ def create_app(test_config: dict | None = None) -> Flask:
         api.register_blueprint(blueprint)
     app.register_blueprint(health.bp)
     register_error_handlers(app)
+    _observe_requests(app)
     return app
+
+
+def _observe_requests(app: Flask) -> None:
+    """Request latency per endpoint (route template, never a raw path: bounded labels)."""
+    import time
+
+    from flask import g, request
+
+    from .metrics import REQUEST_LATENCY
+
+    @app.before_request
+    def _start_timer():
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):
+        started = g.pop("request_started", None)
+        if started is not None:
+            endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+            REQUEST_LATENCY.labels(endpoint, request.method, f"{response.status_code // 100}xx").observe(
+                time.perf_counter() - started)
+        return response
 
 
 def _configure_database(app: Flask) -> None:

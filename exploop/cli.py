@@ -27,6 +27,20 @@ def _app():
     return app
 
 
+def _prepare_multiprocess_metrics() -> None:
+    """Counters from every gunicorn worker, merged at scrape time: a fresh, empty directory
+    (set PROMETHEUS_MULTIPROC_DIR to choose it), prepared before prometheus_client loads."""
+    import os
+    import shutil
+    import tempfile
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="exploop-metrics-")
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="EXPLOOP_HOST")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), envvar="EXPLOOP_PORT")
@@ -36,6 +50,7 @@ def _app():
               type=click.Choice(["debug", "info", "warning", "error"]))
 def api(host, port, workers, threads, log_level):
     """Serve the REST API (gunicorn, gthread workers)."""
+    _prepare_multiprocess_metrics()
     from .logs import setup_logging
     from .server import serve
     setup_logging(log_level.upper())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 __all__ = [
-    "ConfigError", "parse_duration", "format_duration", "server_defaults",
+    "ConfigError", "parse_duration", "parse_bytes", "format_duration", "server_defaults",
     "AgentSettings", "CAPABILITIES", "data_dir",
 ]
 
@@ -43,6 +43,25 @@ def parse_duration(value: str | int | float, name: str = "duration") -> float:
     if seconds <= 0:
         raise ConfigError(f"{name}: duration must be positive, got {value!r}")
     return seconds
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+               "g": 1024 ** 3, "gb": 1024 ** 3, "t": 1024 ** 4, "tb": 1024 ** 4}
+
+
+def parse_bytes(text: str) -> int:
+    """``4g``, ``512m``, ``512Mi``, ``1073741824`` -> bytes (ValueError otherwise)."""
+    raw = text.strip().lower()
+    raw = raw[:-1] if raw.endswith("i") else raw.replace("ib", "b")
+    number = raw.rstrip("kmgtb")
+    unit = raw[len(number):]
+    try:
+        value = int(float(number) * _BYTE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"invalid size {text!r} (use e.g. 512m, 4g)") from None
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}")
+    return value
 
 
 def format_duration(seconds: float) -> str:
@@ -119,6 +138,38 @@ def _simulated(env: Mapping[str, str]) -> float | None:
     return 0.0 if raw in ("0", "0s") else parse_duration(raw, "EXPLOOP_SIMULATED_SCAN")
 
 
+def _metrics_port(env: Mapping[str, str]) -> int | None:
+    raw = (env.get("METRICS_PORT") or "9100").strip().lower()
+    if raw in ("off", "none", "disabled"):
+        return None
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"METRICS_PORT: expected a port number or 'off', got {raw!r}")
+    return int(raw)
+
+
+def _memory_limit(env: Mapping[str, str]) -> int | None:
+    raw = env.get("MEMORY_LIMIT")
+    if not raw:
+        return None
+    try:
+        return parse_bytes(raw)
+    except ValueError as exc:
+        raise ConfigError(f"MEMORY_LIMIT: {exc}") from None
+
+
+def _ratio(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1
+    if not 0 < value <= 1:
+        raise ConfigError(f"{name}: expected a number in (0, 1], got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """The agent's configuration: the runbook's environment variables, validated."""
@@ -135,6 +186,9 @@ class AgentSettings:
     agent_name: str | None = None
     broker_url: str | None = None
     simulated_scan_seconds: float | None = None
+    metrics_port: int | None = 9100
+    memory_limit: int | None = None
+    memory_warn_ratio: float = 0.9
     state_dir: Path = field(default_factory=lambda: Path.home() / ".exploop")
     host: str = field(default_factory=socket.gethostname)
 
@@ -189,5 +243,8 @@ class AgentSettings:
             agent_name=env.get("AGENT_NAME") or None,
             broker_url=env.get("BROKER_URL") or None,
             simulated_scan_seconds=_simulated(env),
+            metrics_port=_metrics_port(env),
+            memory_limit=_memory_limit(env),
+            memory_warn_ratio=_ratio(env, "MEMORY_WARN_RATIO", 0.9),
             state_dir=state_dir,
         )

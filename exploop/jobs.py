@@ -22,6 +22,7 @@ from .config import CAPABILITIES, parse_duration
 from .errors import ApiError
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
+from .metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
 from .routing import RUN_SCAN, queue_for
 
 logger = logging.getLogger(__name__)
@@ -204,10 +205,24 @@ def claim(agent: Agent, job_id: str, attempt: int) -> Job:
     if result.rowcount != 1:
         if job.status == "running" and job.agent_id == agent.id and job.attempt == attempt:
             return job  # the agent retried a claim whose answer it lost
+        STALE_CLAIMS.labels(job.capability, job.region).inc()
         raise ApiError(409, f"job {job_id} attempt {attempt} is not claimable",
                        {"reason": "stale", "status": job.status, "attempt": job.attempt})
-    logger.info("job claimed job_id=%s attempt=%s agent=%s", job.id, attempt, agent.name)
+    logger.info("job claimed job_id=%s attempt=%s agent=%s tenant_id=%s", job.id, attempt, agent.name,
+                job.tenant_id)
+    if job.queued_at and job.started_at:
+        QUEUE_WAIT.labels(job.capability, job.region).observe(
+            max(0.0, (job.started_at - job.queued_at).total_seconds()))
     return job
+
+
+def _finished(job: Job, outcome: str) -> None:
+    """Observe an attempt's duration and, for final states, the outcome."""
+    if job.started_at:
+        JOB_DURATION.labels(job.capability, job.region, outcome).observe(
+            max(0.0, (utcnow() - job.started_at).total_seconds()))
+    if job.status in ("completed", "failed", "cancelled"):
+        JOBS_FINISHED.labels(job.capability, job.region, job.status).inc()
 
 
 def _held(agent: Agent, job_id: str, attempt: int) -> Job:
@@ -252,8 +267,9 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
     job.status, job.progress, job.finished_at, job.error = "completed", 100, utcnow(), None
     db.session.commit()
-    logger.info("job completed job_id=%s attempt=%s agent=%s findings=%d",
-                job.id, attempt, agent.name, len(findings))
+    _finished(job, "completed")
+    logger.info("job completed job_id=%s attempt=%s agent=%s tenant_id=%s findings=%d",
+                job.id, attempt, agent.name, job.tenant_id, len(findings))
     admit_pending(job.tenant_id)
     return job
 
@@ -264,6 +280,7 @@ def requeue(job: Job, reason: str) -> Job:
         job.status, job.finished_at = "failed", utcnow()
         job.error = f"{reason} (attempt {job.attempt} of {job.max_attempts})"
         db.session.commit()
+        JOBS_FINISHED.labels(job.capability, job.region, "failed").inc()
         logger.error("job failed permanently job_id=%s attempts=%s reason=%s",
                      job.id, job.attempt, reason)
         admit_pending(job.tenant_id)
@@ -285,9 +302,11 @@ def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool) -> Jo
     if job.status != "running":
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     if retry:
+        _finished(job, "retried")
         return requeue(job, error)
     job.status, job.finished_at, job.error = "failed", utcnow(), error
     db.session.commit()
+    _finished(job, "failed")
     logger.error("job failed permanently job_id=%s attempt=%s agent=%s error=%s",
                  job.id, attempt, agent.name, error)
     admit_pending(job.tenant_id)

@@ -35,4 +35,11 @@ def serve(host: str, port: int, workers: int, threads: int, log_level: str = "in
         "errorlog": "-",
         # Several APIs may run on one host (tests, benchmarks): no shared control socket.
         "control_socket_disable": True,
+        "child_exit": _child_exit,
     }).run()
+
+
+def _child_exit(server, worker) -> None:
+    """Drop a dead worker's live gauges from the merged metrics."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)

@@ -28,6 +28,16 @@ __all__ = ["LocalStack"]
 REGION = "local"
 
 
+def _port_free(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _echo(message: str = "") -> None:
     print(message, flush=True)
 
@@ -41,6 +51,7 @@ class LocalStack:
         self.logs = self.dir / "logs"
         self.children: list[Child] = []
         self.api_url = f"http://127.0.0.1:{api_port}"
+        self.metrics_port = 9100 if _port_free(9100) else free_port()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -86,7 +97,7 @@ class LocalStack:
         agent_home = self.dir / "agent"
         agent_env = dict(os.environ, API_URL=self.api_url, EXPLOOP_STATE_DIR=str(agent_home),
                          REGION=REGION, CAPABILITIES="sast,sca,secrets", MAX_CONCURRENT_JOBS="2",
-                         AGENT_NAME="agent-local-1")
+                         AGENT_NAME="agent-local-1", METRICS_PORT=str(self.metrics_port))
         if not (agent_home / "agent.json").exists():
             agent_env["BOOTSTRAP_TOKEN"] = self._admin(creds, "POST", "/admin/v1/tokens",
                                                        {"max_uses": 1, "expires": "10m"})["token"]
@@ -169,6 +180,7 @@ Exploop is running (Ctrl-C stops everything; logs in {self.logs})
   Flower    http://127.0.0.1:{self.flower_port}
   Redis     {self.redis_url}
   Agent     agent-local-1, region {REGION}, capabilities sast,sca,secrets
+            metrics: http://127.0.0.1:{self.metrics_port}/metrics (API: {self.api_url}/metrics)
 
 Admin CLI:
   export EXPLOOP_API_URL={self.api_url}

@@ -166,7 +166,7 @@ class Stack:
         home.mkdir(exist_ok=True)
         agent_env = dict(os.environ, API_URL=self.url, HOME=str(home), REGION="us-east-1",
                          CAPABILITIES="secrets,sast,sca", MAX_CONCURRENT_JOBS="2",
-                         HEARTBEAT_INTERVAL="1s", LOG_LEVEL="info")
+                         HEARTBEAT_INTERVAL="1s", LOG_LEVEL="info", METRICS_PORT=str(free_port()))
         if name:
             agent_env["AGENT_NAME"] = name
         if "API_KEY" not in env and "BOOTSTRAP_TOKEN" not in env \

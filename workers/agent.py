@@ -52,6 +52,7 @@ class AgentRuntime:
     simulated_scan_seconds: float | None = None
     auth_failed: bool = False
     lease_manager: object = None
+    metrics: object = None  # exploop.metrics.AgentMetrics, main process only
     client: PlatformClient = field(default=None, repr=False)
 
     @property
@@ -159,12 +160,42 @@ def build_runtime(settings: AgentSettings) -> tuple[AgentRuntime, dict]:
     return runtime, config
 
 
+def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
+    """Serve the runbook's metrics on METRICS_PORT (before the pool forks)."""
+    from prometheus_client import start_http_server
+
+    from exploop.metrics import AgentMetrics
+    metrics = AgentMetrics(runtime.name, runtime.region)
+    runtime.metrics = metrics
+    metrics.max_jobs.set(runtime.max_jobs)
+
+    def lease_valid() -> float:
+        manager = runtime.lease_manager
+        return 1.0 if manager is not None and manager.lease_remaining() > 0 and not runtime.auth_failed else 0.0
+
+    metrics.status.set_function(lease_valid)
+    metrics.draining.set_function(lambda: 1.0 if runtime.desired_state == "draining" else 0.0)
+    metrics.lease_ttl.set_function(
+        lambda: runtime.lease_manager.lease_remaining() if runtime.lease_manager else 0.0)
+    from .bootsteps import running_jobs
+    metrics.jobs_running.set_function(lambda: float(len(running_jobs())))
+    if settings.metrics_port is None:
+        return
+    try:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"METRICS_PORT: cannot listen on {settings.metrics_port}: {exc.strerror}") from None
+    logger.info("metrics on :%d/metrics", settings.metrics_port)
+
+
 def run(settings: AgentSettings) -> int:
     runtime, config = build_runtime(settings)
+    start_metrics(settings, runtime)
     broker_url = settings.broker_url or config["broker_url"]
     app = make_celery(broker_url, queues=runtime.queues,
                       visibility_timeout=config["visibility_timeout"])
     app.exploop_runtime = runtime
+    app.exploop_settings = settings
     register_tasks(app)
     app.steps["worker"].add(LeaseStep)
     app.steps["consumer"].add(DesiredStateStep)

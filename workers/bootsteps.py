@@ -9,6 +9,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from .lease import LeaseManager
+from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")
 
@@ -72,8 +73,13 @@ class LeaseStep(bootsteps.StartStopStep):
             runtime.auth_failed = True
             os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown; main exits non-zero
 
+        settings = worker.app.exploop_settings
+        memory = MemoryWatch(settings.memory_limit or cgroup_memory_limit(), settings.memory_warn_ratio,
+                             runtime.metrics)
+        observe = runtime.metrics.heartbeat_latency.observe if runtime.metrics else (lambda s: None)
         self.manager = LeaseManager(runtime.client, runtime.heartbeat_interval, report,
-                                    apply_state, on_auth_failure)
+                                    apply_state, on_auth_failure, observe_latency=observe,
+                                    after_renewal=memory.check)
         runtime.lease_manager = self.manager
         self.manager.start()
 

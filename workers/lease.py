@@ -25,8 +25,12 @@ class LeaseManager:
     """Keep ``exploop:lease:<agent>`` alive through ``PUT /platform/lease``."""
 
     def __init__(self, client: PlatformClient, interval: float, report: Callable[[], dict],
-                 apply_state: Callable[[str], None], on_auth_failure: Callable[[], None]):
+                 apply_state: Callable[[str], None], on_auth_failure: Callable[[], None],
+                 observe_latency: Callable[[float], None] = lambda seconds: None,
+                 after_renewal: Callable[[], None] = lambda: None):
         self.client = client
+        self.observe_latency = observe_latency
+        self.after_renewal = after_renewal
         self.interval = interval
         self.report = report
         self.apply_state = apply_state
@@ -59,14 +63,18 @@ class LeaseManager:
         self.last_renewal = time.monotonic()
         self.lease_ttl = reply["lease_ttl"]
         latency = self.last_renewal - started
-        logger.debug("lease renewed successfully ttl=%s desired_state=%s latency=%.3fs",
-                     reply["lease_ttl"], reply["desired_state"], latency)
-        if self.desired_state != reply["desired_state"]:
-            logger.info("lease renewed successfully ttl=%s desired_state=%s",
-                        reply["lease_ttl"], reply["desired_state"])
+        self.observe_latency(latency)
+        logger.info("lease renewed successfully agent=%s ttl=%s desired_state=%s latency=%.3fs",
+                    reply["agent"], reply["lease_ttl"], reply["desired_state"], latency)
         self.desired_state = reply["desired_state"]
         self.apply_state(reply["desired_state"])
         return True
+
+    def lease_remaining(self) -> float:
+        """Seconds left on the lease as this agent last renewed it (0 when never or expired)."""
+        if self.last_renewal is None or self.lease_ttl is None:
+            return 0.0
+        return max(0.0, self.lease_ttl - (time.monotonic() - self.last_renewal))
 
     def next_delay(self) -> float:
         if self.failures == 0:
@@ -81,6 +89,10 @@ class LeaseManager:
             except Exception:  # never let the heartbeat thread die
                 logger.exception("lease renewal failed, retrying")
                 self.failures += 1
+            try:
+                self.after_renewal()
+            except Exception:
+                logger.exception("periodic agent check failed")
             if self._stop.wait(self.next_delay()):
                 break
 

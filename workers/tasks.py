@@ -11,6 +11,7 @@ import time
 
 from celery import Celery
 from celery.exceptions import Reject
+from celery.worker.request import Request
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.routing import RUN_SCAN
@@ -36,10 +37,27 @@ def _client(runtime) -> PlatformClient:
     return _clients[pid]
 
 
+class OutcomeRequest(Request):
+    """Counts each job's outcome in the main process as the pool hands back the result,
+    so counts made in prefork children are never lost.
+
+    Celery's generated request class replaces ``on_success`` without calling up, but
+    it reports every success through ``send_event("task-succeeded", result=...)``.
+    """
+
+    def send_event(self, type, **fields):
+        if type == "task-succeeded":
+            metrics = getattr(self.task.app.exploop_runtime, "metrics", None)
+            if metrics is not None:
+                # The result arrives as its repr ("'completed'").
+                metrics.record_outcome(str(fields.get("result")).strip("'\""))
+        return super().send_event(type, **fields)
+
+
 def register_tasks(app: Celery) -> None:
     """Register the scan task on the agent's Celery app."""
 
-    @app.task(name=RUN_SCAN, bind=True, acks_late=True)
+    @app.task(name=RUN_SCAN, bind=True, acks_late=True, Request=OutcomeRequest)
     def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
         runtime = app.exploop_runtime
         client = _client(runtime)

@@ -1,7 +1,7 @@
-"""``/health``: is the API up, and can it reach its database and Redis?"""
+"""``/health`` (database and Redis reachable?) and ``/metrics`` (Prometheus)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 from sqlalchemy import text
 
 from ..extensions import db
@@ -32,3 +32,12 @@ def health():
     checks = check_dependencies()
     healthy = all(value == "ok" for value in checks.values())
     return {"status": "ok" if healthy else "degraded", **checks}, 200 if healthy else 503
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus metrics: request latency, job histograms, queue depth, jobs, agents, capacity."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from ..metrics import render_api_metrics
+    return Response(render_api_metrics(current_app._get_current_object()), mimetype=CONTENT_TYPE_LATEST)
