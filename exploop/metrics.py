@@ -110,6 +110,30 @@ def render_api_metrics(app) -> bytes:
     return body + generate_latest(fleet)
 
 
+class _ProcessTreeCPU:
+    """CPU seconds of the agent and its live worker and scanner processes."""
+
+    def __init__(self, labels: dict):
+        self.labels = labels
+
+    def collect(self):
+        import psutil
+        from prometheus_client.core import CounterMetricFamily
+
+        me = psutil.Process()
+        total = sum(me.cpu_times()[:2])
+        for child in me.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        family = CounterMetricFamily("exploop_agent_cpu_seconds", "CPU seconds used by the agent's processes "
+                                     "(live ones: the counter may drop when a worker process is replaced).",
+                                     labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), total)
+        yield family
+
+
 class AgentMetrics:
     """The runbook's agent metrics, labelled ``agent_name`` and ``region``, served on :9100."""
 
@@ -126,8 +150,9 @@ class AgentMetrics:
         self.jobs_running = gauge("exploop_agent_jobs_running", "Jobs running on this agent.")
         self.max_jobs = gauge("exploop_agent_max_jobs", "Jobs this agent runs at most at once.")
         self.lease_ttl = gauge("exploop_agent_lease_ttl_seconds", "Seconds left on this agent's lease.")
-        self.memory_rss = gauge("exploop_agent_memory_rss_bytes",
-                                "Resident memory of the agent and its worker processes.")
+        self.memory_bytes = gauge("exploop_agent_memory_bytes",
+                                "Memory of the agent and its worker and scanner processes (PSS: pages shared by the "
+                                "forked pool counted once, as the container's limit counts them).")
         self.memory_limit = gauge("exploop_agent_memory_limit_bytes",
                                   "Memory limit the agent runs under (0: none known).")
         self.completed = Counter("exploop_agent_jobs_completed_total", "Jobs this agent completed.",
@@ -141,6 +166,7 @@ class AgentMetrics:
             "exploop_agent_heartbeat_latency_seconds", "Lease renewal round trip to the API.", names,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry,
         ).labels(**labels)
+        self.registry.register(_ProcessTreeCPU(labels))
         self.started = time.time()
 
     def record_outcome(self, outcome: str) -> None:

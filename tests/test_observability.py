@@ -46,7 +46,7 @@ def test_agent_metrics_count_jobs_from_prefork_children(stack, tmp_path):
     assert value(samples, "exploop_agent_max_jobs", **labels) == 3
     assert 0 < value(samples, "exploop_agent_lease_ttl_seconds", **labels) <= 3
     assert value(samples, "exploop_agent_heartbeat_latency_seconds_count", **labels) >= 1
-    assert value(samples, "exploop_agent_memory_rss_bytes", **labels) > 10_000_000
+    assert value(samples, "exploop_agent_memory_bytes", **labels) > 10_000_000
     job_ids = [stack.submit(tenant) for _ in range(6)]
     for job_id in job_ids:
         stack.wait_job(tenant, job_id)
@@ -127,3 +127,17 @@ scrape_configs:
         assert {r["metric"]["queue"] for r in depth} >= {"sca.us-east-1", "secrets.us-east-1"}
     finally:
         prom.stop()
+
+
+def test_json_logs_and_high_memory_warning(stack):
+    import json
+    stack.start_api()
+    agent = stack.start_agent("agent-j", LOG_FORMAT="json", MEMORY_LIMIT="64m", MEMORY_WARN_RATIO="0.5")
+    stack.wait_agent_online("agent-j")
+    time.sleep(1.5)
+    lines = [json.loads(line) for line in agent.output().splitlines() if line.startswith("{")]
+    renewed = [entry for entry in lines if entry["message"].startswith("lease renewed successfully")]
+    assert renewed and renewed[0]["agent"] == "agent-j" and renewed[0]["level"] == "info"
+    assert any(e["message"].startswith("agent registered") and e["name"] == "agent-j" for e in lines)
+    high = [entry for entry in lines if entry["message"].startswith("high memory usage")]
+    assert high and high[0]["level"] == "warning" and int(high[0]["limit_bytes"]) == 64 * 1024 ** 2

@@ -86,3 +86,24 @@ def test_tokens_are_prefixed_random_and_hashed():
 def test_mask_keeps_only_a_short_prefix():
     assert mask("AKIAIOSFODNN7EXAMPLE") == "AKIA" + "*" * 16
     assert mask("abc") == "****"
+
+
+def test_json_log_lines_carry_the_message_and_its_fields():
+    import json
+    import logging
+
+    from exploop.logs import JsonFormatter
+    record = logging.LogRecord("exploop.agent", logging.INFO, __file__, 1,
+                               "job completed job_id=%s attempt=%s agent=%s findings=%d",
+                               ("abc123", 2, "agent-us-east-1", 3), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "job completed job_id=abc123 attempt=2 agent=agent-us-east-1 findings=3"
+    assert (line["job_id"], line["agent"], line["level"]) == ("abc123", "agent-us-east-1", "info")
+
+
+def test_parse_bytes():
+    from exploop.config import parse_bytes
+    assert parse_bytes("4g") == 4 * 1024 ** 3 and parse_bytes("512Mi") == 512 * 1024 ** 2
+    for bad in ("", "x", "-1g", "4q"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)

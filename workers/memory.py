@@ -1,4 +1,4 @@
-"""Memory watch: the agent's resident memory (all its processes) against its limit.
+"""Memory watch: the agent's memory (all its processes) against its limit.
 
 Logs "high memory usage" when the agent passes MEMORY_WARN_RATIO of its limit
 (MEMORY_LIMIT, else the container's cgroup limit), at most once every five
@@ -36,26 +36,27 @@ class MemoryWatch:
         self._last_warning = 0.0
         if metrics is not None:
             metrics.memory_limit.set(limit or 0)
-            metrics.memory_rss.set_function(self.rss)  # fresh at every scrape
+            metrics.memory_bytes.set_function(self.usage)  # fresh at every scrape
 
     @staticmethod
-    def rss() -> int:
-        """Resident memory of this process and all its descendants (pool, scanners)."""
+    def usage() -> int:
+        """Memory of this process and all its descendants (pool, scanners), as PSS:
+        summing RSS would count the pages the forked pool shares once per process."""
         me = psutil.Process()
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
             try:
-                total += child.memory_info().rss
+                total += proc.memory_full_info().pss
             except psutil.Error:
                 pass
         return total
 
     def check(self) -> int:
-        rss = self.rss()
-        if self.limit and rss > self.warn_ratio * self.limit:
+        used = self.usage()
+        if self.limit and used > self.warn_ratio * self.limit:
             now = time.monotonic()
             if now - self._last_warning > 300:
                 self._last_warning = now
-                logger.warning("high memory usage rss_bytes=%d limit_bytes=%d ratio=%.2f",
-                               rss, self.limit, rss / self.limit)
-        return rss
+                logger.warning("high memory usage used_bytes=%d limit_bytes=%d ratio=%.2f",
+                               used, self.limit, used / self.limit)
+        return used
