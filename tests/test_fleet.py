@@ -118,11 +118,11 @@ def test_flushall_and_api_restart_mid_run_lose_no_job(stack, redis_client):
     job_ids = [stack.submit(tenant) for _ in range(50)]
     stack.wait_for(lambda: status_counts(stack, job_ids).get("completed", 0) >= 8, 60, "first jobs")
     redis_client.flushall()
-    stack.wait_for(lambda: status_counts(stack, job_ids).get("completed", 0) >= 25, 90, "jobs after FLUSHALL")
+    stack.wait_for(lambda: status_counts(stack, job_ids).get("completed", 0) >= 25, 120, "jobs after FLUSHALL")
     stack.stop_api()
     time.sleep(1)
     stack.start_api()
-    stack.wait_for(lambda: status_counts(stack, job_ids).get("completed") == 50, 120, "all 50 completed")
+    stack.wait_for(lambda: status_counts(stack, job_ids).get("completed") == 50, 180, "all 50 completed")
     assert "publishing again" in stack.controller.output()
 
 

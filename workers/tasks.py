@@ -76,6 +76,10 @@ def register_tasks(app: Celery) -> None:
             if exc.status == 401:
                 logger.error("authentication failed %s", fields)
                 raise Reject("authentication failed", requeue=True) from None
+            if exc.status >= 500:
+                logger.error("API error while claiming %s: %s", fields, exc.message)
+                time.sleep(2)
+                raise Reject(exc.message, requeue=True) from None
             logger.info("skipping stale or duplicate delivery %s: %s", fields, exc.message)
             return "skipped"
         return _run(runtime, client, spec, fields)
@@ -130,16 +134,28 @@ def _progress(client: PlatformClient, spec: dict, percent: int, message: str) ->
         logger.warning("progress report failed job_id=%s: %s", spec["id"], exc.message)
 
 
-def _report(call, fields: str, attempts: int = 5) -> None:
-    """Send the result, retrying while the API is unreachable."""
-    for n in range(attempts):
+#: How long an agent keeps trying to deliver a result while the API is unreachable or
+#: failing (an API restart, a deploy). Giving up early would strand the job as running.
+REPORT_PATIENCE = 15 * 60
+
+
+def _report(call, fields: str, patience: float = REPORT_PATIENCE) -> None:
+    """Send the result, retrying with capped backoff while the API is down or erroring."""
+    deadline = time.monotonic() + patience
+    n = 0
+    while True:
         try:
             call()
             return
-        except ApiConnectionError as exc:
-            logger.error("failed to connect to API reporting %s: %s", fields, exc.message)
-            time.sleep(min(2 ** n, 10))
         except ApiClientError as exc:
-            logger.error("result refused %s: %s", fields, exc.message)
-            return
-    logger.error("giving up reporting %s; the controller will requeue it", fields)
+            if not isinstance(exc, ApiConnectionError) and exc.status < 500:
+                logger.error("result refused %s: %s", fields, exc.message)
+                return
+            reason = "failed to connect to API" if isinstance(exc, ApiConnectionError) else "API error"
+            if time.monotonic() > deadline:
+                logger.error("giving up reporting %s after %ds (%s); the controller's timeout will"
+                             " requeue it", fields, patience, exc.message)
+                return
+            logger.error("%s reporting %s: %s; retrying", reason, fields, exc.message)
+            time.sleep(min(2 ** n, 10))
+            n += 1
