@@ -381,6 +381,21 @@ def describe_job(session, job_id, output_format, watch):
     _run(frame, watch)
 
 
+@describe.command("tenant")
+@click.argument("name")
+@_doc_output
+@_watch
+@click.pass_obj
+def describe_tenant(session, name, output_format, watch):
+    """Show a tenant: plan, limits and usage against them."""
+    def frame():
+        tenant = session.client.get(_path("tenants", name))
+        if output_format == "text":
+            return output.describe_tenant(tenant), []
+        return output.render_doc(tenant, output_format), []
+    _run(frame, watch)
+
+
 @main.command("cluster-info")
 @_doc_output
 @_watch
@@ -410,11 +425,19 @@ def create():
 @click.option("--expires", default="1h", show_default=True, metavar="DURATION",
               callback=lambda ctx, param, value: _duration(param, value),
               help="Lifetime, e.g. 30m, 1h, 7d.")
+@click.option("--region", metavar="REGION", help="Only agents of this region may register with it.")
+@click.option("--capabilities", metavar="LIST", callback=lambda ctx, param, value: _capabilities(ctx, param, value),
+              help="Agents may register only these capabilities (or fewer), e.g. sast,sca.")
+@click.option("--description", metavar="TEXT", help="What the token is for.")
 @_doc_output
 @click.pass_obj
-def create_token(session, max_uses, expires, output_format):
+def create_token(session, max_uses, expires, region, capabilities, description, output_format):
     """Create a bootstrap token for agents to register with (printed once)."""
-    token = session.client.post("/admin/v1/tokens", {"max_uses": max_uses, "expires": expires})
+    body = {"max_uses": max_uses, "expires": expires}
+    for key, value in (("region", region), ("capabilities", capabilities), ("description", description)):
+        if value:
+            body[key] = value
+    token = session.client.post("/admin/v1/tokens", body)
     _print_doc(token, output_format, token["token"],
                f"bootstrap token {token['id']} ({token['prefix']}...) created: max uses"
                f" {token['max_uses']}, expires {token['expires_at']}; it is shown only once")
@@ -455,11 +478,13 @@ def create_agent(session, name, region, capabilities, max_jobs, output_format):
 
 @create.command("tenant")
 @click.argument("name")
+@click.option("--plan", metavar="PLAN", help="free, starter, pro, enterprise (or a configured plan);"
+                                              " default: the server's DEFAULT_PLAN.")
 @_doc_output
 @click.pass_obj
-def create_tenant(session, name, output_format):
+def create_tenant(session, name, plan, output_format):
     """Create a tenant; its API key is printed once."""
-    tenant = session.client.post("/admin/v1/tenants", {"name": name})
+    tenant = session.client.post("/admin/v1/tenants", {"name": name, **({"plan": plan} if plan else {})})
     _print_doc(tenant, output_format, tenant["api_key"],
                f"tenant {tenant['name']!r} created: save this API key now, it is shown only once")
 
@@ -542,11 +567,12 @@ def revoke():
 
 @revoke.command("token")
 @click.argument("token_id", metavar="ID", type=int)
+@click.option("--reason", metavar="TEXT", help="Why (kept with the token and in the audit log).")
 @_doc_output
 @click.pass_obj
-def revoke_token(session, token_id, output_format):
+def revoke_token(session, token_id, reason, output_format):
     """Revoke a bootstrap token (ID from `get tokens`): registrations with it are refused."""
-    token = session.client.post(_path("tokens", token_id, "revoke"))
+    token = session.client.post(_path("tokens", token_id, "revoke"), {"reason": reason} if reason else {})
     _print_doc(token, output_format, f"token/{token['id']} revoked")
 
 
@@ -574,3 +600,34 @@ def retry_job(session, job_id, output_format):
     job = session.client.post(_path("jobs", job_id, "retry"))
     _print_doc(job, output_format,
                f"job/{job['id']} retried: attempt {job['attempt']}, now {job['status']}")
+
+
+@main.group(cls=AliasGroup, aliases={"tenants": "tenant"})
+def update():
+    """Change a tenant's plan."""
+
+
+@update.command("tenant")
+@click.argument("name")
+@click.option("--plan", required=True, metavar="PLAN", help="The tenant's new plan.")
+@_doc_output
+@click.pass_obj
+def update_tenant(session, name, plan, output_format):
+    """Move a tenant to another plan (limits apply to the next admissions)."""
+    tenant = session.client.request("PATCH", _path("tenants", name), json={"plan": plan})
+    _print_doc(tenant, output_format, f"tenant/{tenant['name']} now on plan {tenant['plan']}")
+
+
+@main.group(cls=AliasGroup, aliases={"jobs": "job"})
+def cancel():
+    """Cancel a pending, queued or running job."""
+
+
+@cancel.command("job")
+@click.argument("job_id", metavar="ID")
+@_doc_output
+@click.pass_obj
+def cancel_job(session, job_id, output_format):
+    """Cancel a job: a running scan is stopped on its agent."""
+    job = session.client.post(_path("jobs", job_id, "cancel"))
+    _print_doc(job, output_format, f"job/{job['id']} {job['status']}")

@@ -176,11 +176,17 @@ KINDS: dict[str, Kind] = {
     ), (
         ("CREATED BY", lambda t: _text(t.get("created_by"))),
         ("EXPIRES AT", lambda t: t["expires_at"]),
+        ("REGION", lambda t: _text(t.get("region"))),
+        ("CAPABILITIES", lambda t: ",".join(t.get("capabilities") or []) or "-"),
+        ("DESCRIPTION", lambda t: _text(t.get("description"))),
         ("REVOKED AT", lambda t: _text(t.get("revoked_at"))),
+        ("REVOKED BY", lambda t: _text(t.get("revoked_by"))),
+        ("REASON", lambda t: _text(t.get("revoke_reason"))),
     )),
     "tenants": Kind("tenants", (
         ("NAME", lambda t: t["name"]),
         ("ID", lambda t: str(t["id"])),
+        ("PLAN", lambda t: t.get("plan", "")),
         ("AGE", lambda t: age(t["created_at"])),
     ), (
         ("CREATED", lambda t: t["created_at"]),
@@ -340,3 +346,15 @@ def describe_cluster(info: dict, api_url: str) -> str:
         ("Completed (24h)", jobs["completed_24h"]),
     ], indent=2)
     return out
+
+
+def describe_tenant(tenant: dict) -> str:
+    """``describe tenant``: plan, limits and usage."""
+    limits, usage = tenant["limits"], tenant["usage"]
+    rows = [("Name:", tenant["name"]), ("Plan:", tenant["plan"]),
+            ("Concurrent:", f"{usage['concurrent']}/{limits['max_concurrent']} (queued + running)"),
+            ("Waiting:", f"{usage['waiting']}/{limits['max_queue']} (pending + queued)"),
+            ("Running:", str(usage["running"])), ("Queued:", str(usage["queued"])),
+            ("Pending:", str(usage["pending"])), ("Created:", tenant["created_at"])]
+    width = max(len(label) for label, _ in rows) + 1
+    return "\n".join(f"{label:<{width}}{value}" for label, value in rows)

@@ -50,7 +50,9 @@ def bench_exploop(tmp: Path, redis_url: str, jobs: int, concurrency: int, databa
         with create_engine(database_url).begin() as conn:
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     env = dict(os.environ, EXPLOOP_SQLALCHEMY_DATABASE_URI=database_url,
-               EXPLOOP_REDIS_URL=redis_url, EXPLOOP_REGIONS="bench", EXPLOOP_TENANT_MAX_ACTIVE="100000")
+               EXPLOOP_REDIS_URL=redis_url, EXPLOOP_REGIONS="bench",
+               EXPLOOP_PLANS='{"bench": {"max_concurrent": 100000, "max_queue": 100000}}',
+               EXPLOOP_DEFAULT_PLAN="bench")
     api = Child("api", [script("exploop"), "api", "--port", str(port), "--workers", os.environ.get("BENCH_API_WORKERS", "2"),
                         "--threads", "16", "--log-level", "warning"], env=env, log_path=tmp / "api.log")
     agent = None

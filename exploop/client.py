@@ -97,16 +97,21 @@ class PlatformClient(ApiClient):
     def claim(self, job_id: str, attempt: int) -> dict:
         return self.post(f"/platform/jobs/{job_id}/claim", {"attempt": attempt})
 
-    def progress(self, job_id: str, attempt: int, progress: int, message: str | None = None) -> dict:
+    # progress / complete / fail carry the scoped job token the claim returned.
+
+    def progress(self, job_id: str, attempt: int, job_token: str, progress: int,
+                 message: str | None = None) -> dict:
         body = {"attempt": attempt, "progress": progress}
         if message:
             body["message"] = message[:255]
-        return self.post(f"/platform/jobs/{job_id}/progress", body)
+        return self.post(f"/platform/jobs/{job_id}/progress", body, headers={"X-Job-Token": job_token})
 
-    def complete(self, job_id: str, attempt: int, findings: list, summary: dict) -> dict:
+    def complete(self, job_id: str, attempt: int, job_token: str, findings: list, summary: dict) -> dict:
         return self.post(f"/platform/jobs/{job_id}/complete",
-                         {"attempt": attempt, "findings": findings, "summary": summary}, timeout=60)
+                         {"attempt": attempt, "findings": findings, "summary": summary}, timeout=60,
+                         headers={"X-Job-Token": job_token})
 
-    def fail(self, job_id: str, attempt: int, error: str, retry: bool = False) -> dict:
+    def fail(self, job_id: str, attempt: int, job_token: str, error: str, retry: bool = False) -> dict:
         return self.post(f"/platform/jobs/{job_id}/fail",
-                         {"attempt": attempt, "error": error[:10000], "retry": retry})
+                         {"attempt": attempt, "error": error[:10000], "retry": retry},
+                         headers={"X-Job-Token": job_token})

@@ -93,8 +93,19 @@ def server_defaults() -> dict:
         "JOB_TIME_LIMIT": "30m",
         # Deliveries of one job before it fails permanently.
         "JOB_MAX_ATTEMPTS": 3,
-        # Jobs one tenant may have queued + running; the rest wait as pending.
-        "TENANT_MAX_ACTIVE": 20,
+        # Plans: max_concurrent = jobs queued + running (the rest wait as pending);
+        # max_queue = jobs waiting (pending + queued): a submit beyond it gets 429.
+        "PLANS": {"free": {"max_concurrent": 2, "max_queue": 10},
+                  "starter": {"max_concurrent": 5, "max_queue": 50},
+                  "pro": {"max_concurrent": 10, "max_queue": 100},
+                  "enterprise": {"max_concurrent": 50, "max_queue": 500}},
+        # Plan of a tenant created without one.
+        "DEFAULT_PLAN": "starter",
+        # A waiting job gains one priority level per PRIORITY_AGING: a low job waiting
+        # 3 x this long outranks a critical job that just arrived.
+        "PRIORITY_AGING": "5m",
+        # Scoped job tokens live for the job's time limit plus this.
+        "JOB_TOKEN_GRACE": "10m",
         # Accept file:// repository URLs (local stacks and tests only).
         "ALLOW_LOCAL_REPOS": False,
         # Bounds on the lease TTL an agent may ask for (3 x its heartbeat interval).

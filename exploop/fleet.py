@@ -17,7 +17,7 @@ from .config import parse_duration
 from .errors import ApiError
 from .extensions import db
 from .models import Agent, AuditEvent, BootstrapToken, utcnow
-from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token
+from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, security_event
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,10 @@ def register_agent(data: dict) -> tuple[Agent, str]:
     token = db.session.scalar(select(BootstrapToken).where(
         BootstrapToken.token_hash == hash_token(raw))) if raw.startswith(BOOTSTRAP_PREFIX) else None
     if token is None:
+        security_event("invalid_token", "bootstrap", "reason=unknown")
         logger.warning("invalid bootstrap token: unknown token")
         raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
+    _check_constraints(token, data)
     # Spend one use atomically: concurrent registrations cannot exceed max_uses.
     spent = db.session.execute(update(BootstrapToken).where(
         BootstrapToken.id == token.id, BootstrapToken.uses < BootstrapToken.max_uses,
@@ -118,6 +120,7 @@ def register_agent(data: dict) -> tuple[Agent, str]:
         db.session.rollback()
         db.session.refresh(token)
         reason = token_status(token)
+        security_event("invalid_token", "bootstrap", f"reason={reason} token={token.prefix}")
         logger.warning("invalid bootstrap token: %s token=%s", reason, token.prefix)
         raise ApiError(401, f"invalid bootstrap token: {reason}", {"reason": reason})
     name = data.get("name") or _unique_name(data["region"])
@@ -130,8 +133,26 @@ def register_agent(data: dict) -> tuple[Agent, str]:
     return agent, key
 
 
-def create_bootstrap_token(actor: str, max_uses: int, expires: str) -> tuple[BootstrapToken, str]:
-    """Create a bootstrap token; the plaintext is returned once."""
+def _check_constraints(token: BootstrapToken, data: dict) -> None:
+    """A token bound to a region or capabilities registers only agents within them."""
+    problems = {}
+    if token.region and data["region"] != token.region:
+        problems["region"] = [f"this token only registers agents in {token.region!r}"]
+    allowed = [c for c in (token.capabilities or "").split(",") if c]
+    extra = sorted(set(data["capabilities"]) - set(allowed)) if allowed else []
+    if extra:
+        problems["capabilities"] = [f"this token only allows {', '.join(allowed)}; not {', '.join(extra)}"]
+    if problems:
+        security_event("access_denied", "bootstrap", f"token={token.prefix} {problems}")
+        logger.warning("bootstrap token constraint refused token=%s region=%s capabilities=%s",
+                       token.prefix, data["region"], ",".join(data["capabilities"]))
+        raise ApiError(403, "registration outside the bootstrap token's constraints", problems)
+
+
+def create_bootstrap_token(actor: str, max_uses: int, expires: str, region: str | None = None,
+                           capabilities: list[str] | None = None,
+                           description: str | None = None) -> tuple[BootstrapToken, str]:
+    """Create a bootstrap token (optionally bound to a region and capabilities); shown once."""
     try:
         lifetime = parse_duration(expires, "expires")
     except ValueError as exc:
@@ -139,7 +160,8 @@ def create_bootstrap_token(actor: str, max_uses: int, expires: str) -> tuple[Boo
     raw = new_token(BOOTSTRAP_PREFIX)
     token = BootstrapToken(token_hash=hash_token(raw), prefix=raw[:len(BOOTSTRAP_PREFIX) + 6],
                            max_uses=max_uses, expires_at=utcnow() + timedelta(seconds=lifetime),
-                           created_by=actor)
+                           created_by=actor, region=region, description=description,
+                           capabilities=",".join(capabilities) if capabilities else None)
     db.session.add(token)
     audit(actor, "create token", token.prefix, f"max_uses={max_uses} expires={expires}")
     db.session.commit()

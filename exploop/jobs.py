@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from datetime import timedelta
 from urllib.parse import urlparse
 
 from flask import current_app
@@ -22,13 +23,15 @@ from .config import CAPABILITIES, parse_duration
 from .errors import ApiError
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
+from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
 from .metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
 from .routing import RUN_SCAN, queue_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
-           "requeue", "retry", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
+           "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
+           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
@@ -105,12 +108,25 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     else:
         region = choose_region(capability)
     config = current_app.config
-    # Admit at once when the tenant has a free slot (a soft limit: concurrent submits
-    # may overshoot by a few); otherwise the job waits as pending.
-    admit = _active_count(tenant.id) < int(config["TENANT_MAX_ACTIVE"])
+    repo_url = validate_repo_url(data["repo_url"])
+    limits = plan_limits(tenant)
+    counts = _tenant_counts(tenant.id)
+    waiting = counts.get("pending", 0) + counts.get("queued", 0)
+    if waiting >= limits["max_queue"]:
+        raise ApiError(429, f"queue full: tenant {tenant.name!r} on plan {tenant.plan!r} has {waiting}"
+                            f" jobs waiting (max {limits['max_queue']}); retry when some have started",
+                       {"plan": tenant.plan, "waiting": waiting, "max_queue": limits["max_queue"]},
+                       headers={"Retry-After": "30"})
+    # Admit at once when the tenant has a free slot and nothing waits before this job
+    # (a soft limit: concurrent submits may overshoot by a few); else it waits as pending.
+    active = counts.get("queued", 0) + counts.get("running", 0)
+    admit = active < limits["max_concurrent"] and counts.get("pending", 0) == 0
+    priority = data.get("priority") or "normal"
+    now = utcnow()
     job = Job(tenant_id=tenant.id, capability=capability, region=region,
-              repo_url=validate_repo_url(data["repo_url"]), ref=data.get("ref") or "HEAD",
-              status="queued" if admit else "pending", queued_at=utcnow() if admit else None,
+              repo_url=repo_url, ref=data.get("ref") or "HEAD", priority=priority,
+              admission_key=admission_key(now, priority), created_at=now,
+              status="queued" if admit else "pending", queued_at=now if admit else None,
               max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
               time_limit=int(parse_duration(config["JOB_TIME_LIMIT"], "JOB_TIME_LIMIT")),
               idempotency_key=idempotency_key)
@@ -129,12 +145,67 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
                 job.id, tenant.name, capability, region, job.status)
     if admit:
         publish(job)
+    elif active < limits["max_concurrent"]:
+        admit_pending(tenant.id)
+        db.session.refresh(job)
     return job, True
+
+
+#: Priority levels, highest first, and their rank in the admission formula.
+PRIORITY_RANK = {"critical": 3, "high": 2, "normal": 1, "low": 0}
+
+
+def admission_key(created_at, priority: str):
+    """Pending jobs are admitted in ascending order of ``created_at - rank x PRIORITY_AGING``.
+
+    Equivalently, a job's effective priority is ``rank + waited / PRIORITY_AGING``:
+    every PRIORITY_AGING of waiting is worth one level, so a low job (rank 0) that
+    has waited 3 x PRIORITY_AGING goes before any critical job (rank 3) submitted
+    after that moment. Storing the key keeps admission one indexed ORDER BY.
+    """
+    aging = parse_duration(current_app.config["PRIORITY_AGING"], "PRIORITY_AGING")
+    return created_at - timedelta(seconds=PRIORITY_RANK[priority] * aging)
+
+
+def plan_limits(tenant: Tenant) -> dict:
+    """The tenant's plan limits (``max_concurrent``, ``max_queue``)."""
+    plans = current_app.config["PLANS"]
+    plan = plans.get(tenant.plan)
+    if plan is None:  # a plan removed from the config: fall back, loudly
+        logger.warning("tenant %s has unknown plan %r; using %r", tenant.name, tenant.plan,
+                       current_app.config["DEFAULT_PLAN"])
+        plan = plans[current_app.config["DEFAULT_PLAN"]]
+    return {"max_concurrent": int(plan["max_concurrent"]), "max_queue": int(plan["max_queue"])}
+
+
+def _tenant_counts(tenant_id: int) -> dict[str, int]:
+    return dict(db.session.execute(select(Job.status, func.count()).where(
+        Job.tenant_id == tenant_id, Job.status.in_(("pending", "queued", "running")))
+        .group_by(Job.status)).all())
 
 
 def _active_count(tenant_id: int) -> int:
     return db.session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES)))
+
+
+def queue_position(job: Job) -> int | None:
+    """1-based position of a waiting job: queued jobs go first-in first-out on their queue;
+    a pending job comes after everything queued there and the tenant's pending jobs that
+    are admitted before it. None once the job runs or ended."""
+    if job.status == "queued":
+        ahead = db.session.scalar(select(func.count()).select_from(Job).where(
+            Job.status == "queued", Job.capability == job.capability, Job.region == job.region,
+            Job.queued_at < job.queued_at))
+        return ahead + 1
+    if job.status == "pending":
+        queued = db.session.scalar(select(func.count()).select_from(Job).where(
+            Job.status == "queued", Job.capability == job.capability, Job.region == job.region))
+        before = db.session.scalar(select(func.count()).select_from(Job).where(
+            Job.tenant_id == job.tenant_id, Job.status == "pending",
+            Job.admission_key < job.admission_key))
+        return queued + before + 1
+    return None
 
 
 def admit_pending(tenant_id: int) -> int:
@@ -143,12 +214,12 @@ def admit_pending(tenant_id: int) -> int:
         Job.tenant_id == tenant_id, Job.status == "pending").limit(1))
     if has_pending is None:
         return 0
-    limit = int(current_app.config["TENANT_MAX_ACTIVE"])
-    free = limit - _active_count(tenant_id)
+    tenant = db.session.get(Tenant, tenant_id)
+    free = plan_limits(tenant)["max_concurrent"] - _active_count(tenant_id)
     if free <= 0:
         return 0
     jobs = db.session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status == "pending")
-                              .order_by(Job.created_at).limit(free)).all()
+                              .order_by(Job.admission_key, Job.id).limit(free)).all()
     admitted = 0
     for job in jobs:
         result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == "pending")
@@ -189,22 +260,33 @@ def _get_job(job_id: str) -> Job:
     return job
 
 
-def claim(agent: Agent, job_id: str, attempt: int) -> Job:
-    """Give the current attempt of a queued job to ``agent``; refuse anything else."""
+def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
+    """Give the current attempt of a queued job to ``agent``; refuse anything else.
+
+    Returns the job and its scoped job token: valid only for this job and attempt,
+    for the job's time limit plus JOB_TOKEN_GRACE; progress, complete and fail need it.
+    """
     job = _get_job(job_id)
     if job.capability not in agent.capability_list or job.region != agent.region:
         raise ApiError(403, f"agent {agent.name!r} cannot run {job.capability} jobs in {job.region}")
     if agent.desired_state != "active":
         raise ApiError(409, f"agent {agent.name!r} is draining", {"reason": "draining"})
+    token = new_token(JOB_PREFIX)
+    now = utcnow()
+    grace = parse_duration(current_app.config["JOB_TOKEN_GRACE"], "JOB_TOKEN_GRACE")
     result = db.session.execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
-        .values(status="running", agent_id=agent.id, agent_name=agent.name, started_at=utcnow(), progress=0,
-                progress_message=None))
+        .values(status="running", agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
+                progress_message=None, job_token_hash=hash_token(token),
+                job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:
         if job.status == "running" and job.agent_id == agent.id and job.attempt == attempt:
-            return job  # the agent retried a claim whose answer it lost
+            # The agent retried a claim whose answer it lost: a fresh token replaces the old one.
+            job.job_token_hash = hash_token(token)
+            db.session.commit()
+            return job, token
         STALE_CLAIMS.labels(job.capability, job.region).inc()
         raise ApiError(409, f"job {job_id} attempt {attempt} is not claimable",
                        {"reason": "stale", "status": job.status, "attempt": job.attempt})
@@ -213,7 +295,7 @@ def claim(agent: Agent, job_id: str, attempt: int) -> Job:
     if job.queued_at and job.started_at:
         QUEUE_WAIT.labels(job.capability, job.region).observe(
             max(0.0, (job.started_at - job.queued_at).total_seconds()))
-    return job
+    return job, token
 
 
 def _finished(job: Job, outcome: str) -> None:
@@ -225,16 +307,23 @@ def _finished(job: Job, outcome: str) -> None:
         JOBS_FINISHED.labels(job.capability, job.region, job.status).inc()
 
 
-def _held(agent: Agent, job_id: str, attempt: int) -> Job:
+def _held(agent: Agent, job_id: str, attempt: int, job_token: str | None) -> Job:
+    """The job, if ``agent`` holds this attempt and presents its valid job token."""
     job = _get_job(job_id)
     if job.agent_id != agent.id or job.attempt != attempt:
+        security_event("access_denied", "agent", f"agent={agent.name} job_id={job_id} attempt={attempt}")
         raise ApiError(403, f"agent {agent.name!r} does not hold job {job_id} attempt {attempt}")
+    if not job_token or not job.job_token_hash or not matches(job_token, job.job_token_hash) \
+            or (job.job_token_expires_at and job.job_token_expires_at < utcnow()):
+        security_event("invalid_token", "job", f"agent={agent.name} job_id={job_id} attempt={attempt}")
+        raise ApiError(403, f"invalid or expired job token for job {job_id} attempt {attempt}")
     return job
 
 
-def progress(agent: Agent, job_id: str, attempt: int, percent: int, message: str | None) -> Job:
-    """Record progress of a running job held by ``agent``."""
-    job = _held(agent, job_id, attempt)
+def progress(agent: Agent, job_id: str, attempt: int, percent: int, message: str | None,
+             job_token: str | None) -> Job:
+    """Record progress of a running job held by ``agent`` (409 once it is cancelled)."""
+    job = _held(agent, job_id, attempt, job_token)
     if job.status != "running":
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     job.progress = percent
@@ -250,9 +339,10 @@ def _fingerprint(item: dict) -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:32]
 
 
-def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summary: dict) -> Job:
+def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summary: dict,
+             job_token: str | None) -> Job:
     """Store the findings and mark the job completed (repeating it is harmless)."""
-    job = _held(agent, job_id, attempt)
+    job = _held(agent, job_id, attempt, job_token)
     if job.status == "completed":
         return job  # the agent retried a completion whose answer it lost
     if job.status != "running":
@@ -288,15 +378,17 @@ def requeue(job: Job, reason: str) -> Job:
     job.attempt += 1
     job.status, job.agent_id, job.error = "queued", None, reason
     job.queued_at, job.started_at, job.progress = utcnow(), None, 0
+    job.job_token_hash = job.job_token_expires_at = None
     db.session.commit()
     logger.warning("job requeued job_id=%s attempt=%s reason=%s", job.id, job.attempt, reason)
     publish(job)
     return job
 
 
-def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool) -> Job:
+def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
+         job_token: str | None) -> Job:
     """Record a failed attempt; retry it if asked and attempts remain."""
-    job = _held(agent, job_id, attempt)
+    job = _held(agent, job_id, attempt, job_token)
     if job.status == "failed":
         return job
     if job.status != "running":
@@ -321,9 +413,31 @@ def retry(job: Job, actor: str) -> Job:
     job.attempt += 1
     job.max_attempts = max(job.max_attempts, job.attempt)
     job.status, job.agent_id, job.finished_at, job.started_at = "pending", None, None, None
-    job.progress, job.error = 0, None
+    job.progress, job.error, job.cancelled_by = 0, None, None
+    job.job_token_hash = job.job_token_expires_at = None
+    job.admission_key = admission_key(utcnow(), job.priority)
     db.session.commit()
     logger.info("job retried job_id=%s attempt=%s by=%s", job.id, job.attempt, actor)
     admit_pending(job.tenant_id)
     db.session.refresh(job)
+    return job
+
+
+def cancel(job: Job, actor: str) -> Job:
+    """Cancel a pending, queued or running job. A running scan stops on its agent at the
+    agent's next check (its progress report is answered 409 cancelled), which frees the slot."""
+    if job.status not in ("pending", "queued", "running"):
+        raise ApiError(409, f"job {job.id} is {job.status}; only pending, queued or running jobs"
+                            " can be cancelled", {"status": job.status})
+    was = job.status
+    result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == was).values(
+        status="cancelled", finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
+    db.session.commit()
+    db.session.refresh(job)
+    if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now
+        return cancel(job, actor) if job.status in ("pending", "queued", "running") else job
+    JOBS_FINISHED.labels(job.capability, job.region, "cancelled").inc()
+    logger.info("job cancelled job_id=%s was=%s by=%s tenant_id=%s agent=%s",
+                job.id, was, actor, job.tenant_id, job.agent_name)
+    admit_pending(job.tenant_id)
     return job

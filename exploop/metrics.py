@@ -18,7 +18,7 @@ from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Hist
                                generate_latest, multiprocess)
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["REQUEST_LATENCY", "JOB_DURATION", "QUEUE_WAIT", "STALE_CLAIMS", "JOBS_FINISHED",
+__all__ = ["REQUEST_LATENCY", "JOB_DURATION", "QUEUE_WAIT", "STALE_CLAIMS", "JOBS_FINISHED", "SECURITY_EVENTS",
            "render_api_metrics", "AgentMetrics", "FleetCollector"]
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -36,6 +36,9 @@ QUEUE_WAIT = Histogram(
 STALE_CLAIMS = Counter(
     "exploop_stale_claims_total", "Claims refused because the delivery was stale or a duplicate.",
     ["capability", "region"])
+SECURITY_EVENTS = Counter(
+    "exploop_security_events_total", "Authentication failures, access denials and invalid tokens.",
+    ["kind", "audience"])
 JOBS_FINISHED = Counter(
     "exploop_jobs_finished_total", "Jobs that reached a final state.", ["capability", "region", "status"])
 

@@ -27,6 +27,7 @@ class Tenant(db.Model):
     id = db.Column(db.Integer, primary_key=True)
     name = db.Column(db.String(100), unique=True, nullable=False)
     key_hash = db.Column(db.String(64), unique=True, nullable=False)
+    plan = db.Column(db.String(32), nullable=False, default="starter")
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
 
 
@@ -63,7 +64,13 @@ class BootstrapToken(db.Model):
     uses = db.Column(db.Integer, nullable=False, default=0)
     expires_at = db.Column(db.DateTime, nullable=False)
     revoked_at = db.Column(db.DateTime)
+    revoked_by = db.Column(db.String(100))
+    revoke_reason = db.Column(db.String(255))
     created_by = db.Column(db.String(100))
+    description = db.Column(db.String(255))
+    # Constraints on what may register with this token (None: any).
+    region = db.Column(db.String(64))
+    capabilities = db.Column(db.String(100))  # comma separated: the agent's must be a subset
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
 
 
@@ -84,7 +91,7 @@ def _job_id() -> str:
 class Job(db.Model):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
-                      Index("ix_jobs_tenant_status", "tenant_id", "status"))
+                      Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"))
     id = db.Column(db.String(32), primary_key=True, default=_job_id)
     tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)
@@ -92,6 +99,9 @@ class Job(db.Model):
     repo_url = db.Column(db.String(2048), nullable=False)
     ref = db.Column(db.String(255), nullable=False, default="HEAD")
     status = db.Column(db.String(16), nullable=False, default="pending", index=True)
+    priority = db.Column(db.String(16), nullable=False, default="normal")
+    # Admission order: created_at minus priority rank x PRIORITY_AGING (see jobs.admission_key).
+    admission_key = db.Column(db.DateTime, nullable=False, default=utcnow)
     attempt = db.Column(db.Integer, nullable=False, default=1)
     max_attempts = db.Column(db.Integer, nullable=False, default=3)
     time_limit = db.Column(db.Integer, nullable=False)  # seconds
@@ -100,6 +110,10 @@ class Job(db.Model):
     idempotency_key = db.Column(db.String(255))
     progress = db.Column(db.Integer, nullable=False, default=0)
     progress_message = db.Column(db.String(255))
+    # The scoped job token of the current attempt (hash), given to the agent at claim.
+    job_token_hash = db.Column(db.String(64))
+    job_token_expires_at = db.Column(db.DateTime)
+    cancelled_by = db.Column(db.String(100))
     error = db.Column(db.Text)
     summary_json = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 
 __all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
-           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "mask"]
+           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "mask", "security_event"]
+
+logger = logging.getLogger("exploop.security")
 
 AGENT_PREFIX = "ragent_"
 TENANT_PREFIX = "rtenant_"
 ADMIN_PREFIX = "radmin_"
 BOOTSTRAP_PREFIX = "rboot_"
+JOB_PREFIX = "rjob_"
 
 
 def new_token(prefix: str) -> str:
@@ -38,3 +42,10 @@ def mask(value: str, keep: int = 4) -> str:
     """Masked preview of a secret: the first characters, then asterisks."""
     keep = min(keep, len(value) // 4)
     return value[:keep] + "*" * max(4, len(value) - keep)
+
+
+def security_event(kind: str, audience: str, detail: str = "") -> None:
+    """Count and log a security event: ``auth_failed``, ``access_denied`` or ``invalid_token``."""
+    from .metrics import SECURITY_EVENTS
+    SECURITY_EVENTS.labels(kind, audience).inc()
+    logger.warning("security event kind=%s audience=%s %s", kind, audience, detail)

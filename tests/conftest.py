@@ -156,8 +156,8 @@ class Stack:
         assert reply.status_code == 201, reply.text
         return reply.json()["token"]
 
-    def tenant(self, name: str = "acme") -> str:
-        reply = self.admin("POST", "/admin/v1/tenants", json={"name": name})
+    def tenant(self, name: str = "acme", plan: str | None = None) -> str:
+        reply = self.admin("POST", "/admin/v1/tenants", json={"name": name, **({"plan": plan} if plan else {})})
         assert reply.status_code == 201, reply.text
         return reply.json()["api_key"]
 

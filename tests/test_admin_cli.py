@@ -160,7 +160,8 @@ def test_get_and_revoke_tokens(live):
     row = [columns(line) for line in table.splitlines()[1:] if columns(line)[0] == str(token["id"])][0]
     assert row[1:4] == [token["prefix"], "valid", "0/2"] and row[4] in ("in 59m", "in 1h")
     wide = ok(cli(live, "get", "tokens", "-o", "wide"))
-    assert columns(wide.splitlines()[0])[-3:] == ["CREATED BY", "EXPIRES AT", "REVOKED AT"]
+    assert columns(wide.splitlines()[0])[-8:] == ["CREATED BY", "EXPIRES AT", "REGION", "CAPABILITIES",
+                                                 "DESCRIPTION", "REVOKED AT", "REVOKED BY", "REASON"]
     for fmt in ("json", "yaml"):
         doc = one_document(ok(cli(live, "get", "tokens", "-o", fmt)), fmt)
         ours = [t for t in doc["items"] if t["id"] == token["id"]][0]
@@ -314,8 +315,8 @@ def test_tenants(live):
     jobs = requests.get(f"{live.url}/api/v1/jobs", headers=auth(key), timeout=10)
     assert jobs.status_code == 200
     table = ok(cli(live, "get", "tenants"))
-    assert columns(table.splitlines()[0]) == ["NAME", "ID", "AGE"]
-    assert lines_of(table, "tenant-cli")
+    assert columns(table.splitlines()[0]) == ["NAME", "ID", "PLAN", "AGE"]
+    assert columns(lines_of(table, "tenant-cli")[0])[2] == "starter"
     assert columns(ok(cli(live, "get", "tenants", "-o", "wide")).splitlines()[0])[-1] == "CREATED"
     for fmt in ("json", "yaml"):
         doc = one_document(ok(cli(live, "get", "tenants", "-o", fmt)), fmt)
@@ -323,6 +324,17 @@ def test_tenants(live):
     doc = json.loads(ok(cli(live, "create", "tenant", "tenant-cli-2", "-o", "json"), None))
     assert doc["api_key"].startswith("rtenant_") and doc["name"] == "tenant-cli-2"
     one_line_error(cli(live, "create", "tenant", "tenant-cli"), "tenant 'tenant-cli' already exists")
+    # Plans: create on one, describe usage against its limits, move to another.
+    ok(cli(live, "create", "tenant", "tenant-free", "--plan", "free"), None)
+    described = ok(cli(live, "describe", "tenant", "tenant-free"))
+    assert "Plan:" in described and "free" in described
+    assert [l for l in described.splitlines() if l.startswith("Concurrent:")][0].split()[1] == "0/2"
+    assert [l for l in described.splitlines() if l.startswith("Waiting:")][0].split()[1] == "0/10"
+    assert "now on plan pro" in ok(cli(live, "update", "tenant", "tenant-free", "--plan", "pro"))
+    doc = json.loads(ok(cli(live, "describe", "tenant", "tenant-free", "-o", "json")))
+    assert doc["plan"] == "pro" and doc["limits"] == {"max_concurrent": 10, "max_queue": 100}
+    one_line_error(cli(live, "update", "tenant", "tenant-free", "--plan", "platinum"), "unknown plan 'platinum'")
+    one_line_error(cli(live, "create", "tenant", "tenant-x", "--plan", "platinum"), "unknown plan 'platinum'")
 
 
 def test_jobs_describe_and_retry(live):
@@ -330,16 +342,16 @@ def test_jobs_describe_and_retry(live):
     key = new_agent(live, "agent-jobs")
     agent = PlatformClient(live.url, key)
     done, broken = submit_job(live, tenant), submit_job(live, tenant)
-    agent.claim(done["id"], 1)
-    agent.progress(done["id"], 1, 50, "scanning")
-    agent.complete(done["id"], 1, [
+    token = agent.claim(done["id"], 1)["job_token"]
+    agent.progress(done["id"], 1, token, 50, "scanning")
+    agent.complete(done["id"], 1, token, [
         {"rule_id": "secrets.aws", "severity": "high", "path": "a.py", "message": "key", "engine": "t"},
         {"rule_id": "secrets.pw", "severity": "medium", "path": "b.py", "message": "pw", "engine": "t"},
         {"rule_id": "secrets.pw", "severity": "medium", "path": "c.py", "message": "pw", "engine": "t"}],
         {"engine": "t"})
-    agent.claim(broken["id"], 1)
-    agent.progress(broken["id"], 1, 40, "cloning")
-    agent.fail(broken["id"], 1, "scanner crashed: out of memory\nTraceback (most recent call last)")
+    token = agent.claim(broken["id"], 1)["job_token"]
+    agent.progress(broken["id"], 1, token, 40, "cloning")
+    agent.fail(broken["id"], 1, token, "scanner crashed: out of memory\nTraceback (most recent call last)")
 
     table = ok(cli(live, "get", "jobs", "--tenant", "tenant-jobs"))
     assert columns(table.splitlines()[0]) == ["ID", "STATUS", "TENANT", "CAPABILITY", "REGION", "AGENT",
@@ -386,8 +398,8 @@ def test_jobs_describe_and_retry(live):
                    "is queued; only failed or cancelled jobs can be retried")
     one_line_error(cli(live, "retry", "job", "0" * 32), f"job '{'0' * 32}' not found")
     one_line_error(cli(live, "describe", "job", "nope"), "job 'nope' not found")
-    agent.claim(broken["id"], 2)
-    agent.fail(broken["id"], 2, "again")
+    token = agent.claim(broken["id"], 2)["job_token"]
+    agent.fail(broken["id"], 2, token, "again")
     doc = one_document(ok(cli(live, "retry", "job", broken["id"], "-o", "yaml")), "yaml")
     assert doc["attempt"] == 3 and doc["status"] == "queued"
 

@@ -112,16 +112,21 @@ def test_claim_guard_allows_only_the_current_attempt_once(client, admin_token, t
     assert client.post(f"/platform/jobs/{job_id}/claim", headers=key, json={"attempt": 2}).status_code == 409
     claimed = client.post(f"/platform/jobs/{job_id}/claim", headers=key, json={"attempt": 1})
     assert claimed.status_code == 200 and claimed.json["repo_url"].endswith("app.git")
+    token = claimed.json["job_token"]
+    assert token.startswith("rjob_")
     duplicate = client.post(f"/platform/jobs/{job_id}/claim", headers=other_key, json={"attempt": 1})
     assert duplicate.status_code == 409 and duplicate.json["detail"]["status"] == "running"
-    # Only the holder reports.
+    # Only the holder reports, and only with the job token.
     done = {"attempt": 1, "findings": [], "summary": {}}
-    assert client.post(f"/platform/jobs/{job_id}/complete", headers=other_key, json=done).status_code == 403
-    assert client.post(f"/platform/jobs/{job_id}/progress", headers=key,
+    holder = dict(key, **{"X-Job-Token": token})
+    stolen = dict(other_key, **{"X-Job-Token": token})
+    assert client.post(f"/platform/jobs/{job_id}/complete", headers=stolen, json=done).status_code == 403
+    assert client.post(f"/platform/jobs/{job_id}/complete", headers=key, json=done).status_code == 403
+    assert client.post(f"/platform/jobs/{job_id}/progress", headers=holder,
                        json={"attempt": 1, "progress": 50}).status_code == 200
-    assert client.post(f"/platform/jobs/{job_id}/complete", headers=key, json=done).status_code == 200
+    assert client.post(f"/platform/jobs/{job_id}/complete", headers=holder, json=done).status_code == 200
     # A retried completion whose answer was lost is harmless.
-    assert client.post(f"/platform/jobs/{job_id}/complete", headers=key, json=done).status_code == 200
+    assert client.post(f"/platform/jobs/{job_id}/complete", headers=holder, json=done).status_code == 200
     assert client.get(f"/api/v1/jobs/{job_id}", headers=auth(tenant_key)).json["status"] == "completed"
 
 
@@ -130,8 +135,9 @@ def test_failed_attempt_with_retry_is_requeued_then_fails_permanently(client, ad
     key = auth(agent["api_key"])
     job_id = submit(client, tenant_key).json["id"]
     for attempt in (1, 2, 3):
-        assert client.post(f"/platform/jobs/{job_id}/claim", headers=key, json={"attempt": attempt}).status_code == 200
-        reply = client.post(f"/platform/jobs/{job_id}/fail", headers=key,
+        claimed = client.post(f"/platform/jobs/{job_id}/claim", headers=key, json={"attempt": attempt})
+        assert claimed.status_code == 200
+        reply = client.post(f"/platform/jobs/{job_id}/fail", headers=dict(key, **{"X-Job-Token": claimed.json["job_token"]}),
                             json={"attempt": attempt, "error": "scanner crashed", "retry": True})
         assert reply.status_code == 200
     job = client.get(f"/api/v1/jobs/{job_id}", headers=auth(tenant_key)).json

@@ -146,7 +146,8 @@ def test_always_crashing_scanner_fails_every_job_permanently(stack, tmp_path):
 
 
 def test_a_burst_from_one_tenant_does_not_starve_another(stack):
-    stack.env["EXPLOOP_TENANT_MAX_ACTIVE"] = "4"
+    stack.env["EXPLOOP_PLANS"] = '{"team": {"max_concurrent": 4, "max_queue": 200}}'
+    stack.env["EXPLOOP_DEFAULT_PLAN"] = "team"
     stack.start_api()
     stack.start_controller()
     tenant_a, tenant_b = stack.tenant("tenant-a"), stack.tenant("tenant-b")

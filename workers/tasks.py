@@ -85,29 +85,36 @@ def register_tasks(app: Celery) -> None:
         return _run(runtime, client, spec, fields)
 
 
+class JobCancelled(Exception):
+    """The job was cancelled while this agent ran it: stop and report nothing."""
+
+
 def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
-    job_id, attempt = spec["id"], spec["attempt"]
+    job_id, attempt, token = spec["id"], spec["attempt"], spec["job_token"]
     started = time.monotonic()
     try:
         if runtime.simulated_scan_seconds is not None:  # benchmarks and fleet tests only
-            time.sleep(runtime.simulated_scan_seconds)
+            _simulate(client, spec, runtime.simulated_scan_seconds)
             findings, summary = [], {"engines": [], "simulated": True}
         else:
             findings, summary = _scan(client, spec, started + spec["time_limit"])
+    except JobCancelled:
+        logger.info("job cancelled, stopped %s", fields)
+        return "cancelled"
     except JobError as exc:
         if exc.retry:
             logger.warning("job timeout, will retry %s: %s", fields, exc)
         else:
             logger.error("job failed %s: %s", fields, exc)
-        _report(lambda: client.fail(job_id, attempt, str(exc), retry=exc.retry), fields)
+        _report(lambda: client.fail(job_id, attempt, token, str(exc), retry=exc.retry), fields)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
-        _report(lambda: client.fail(job_id, attempt, f"agent error: {exc.__class__.__name__}: {exc}",
+        _report(lambda: client.fail(job_id, attempt, token, f"agent error: {exc.__class__.__name__}: {exc}",
                                     retry=True), fields)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
-    _report(lambda: client.complete(job_id, attempt, findings, summary), fields)
+    _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields)
     logger.info("job completed %s findings=%d", fields, len(findings))
     return "completed"
 
@@ -127,10 +134,23 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
                                 "engines": [{"name": result["engine"], "version": result["version"]}]}
 
 
+def _simulate(client: PlatformClient, spec: dict, seconds: float) -> None:
+    """A simulated scan: sleep, reporting progress (and noticing a cancel) every second."""
+    deadline = time.monotonic() + seconds
+    next_report = time.monotonic() + 1
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.25))
+        if time.monotonic() >= next_report and time.monotonic() < deadline:
+            _progress(client, spec, int(100 * (1 - left / seconds)), "simulated scan")
+            next_report += 1
+
+
 def _progress(client: PlatformClient, spec: dict, percent: int, message: str) -> None:
     try:
-        client.progress(spec["id"], spec["attempt"], percent, message)
+        client.progress(spec["id"], spec["attempt"], spec["job_token"], percent, message)
     except ApiClientError as exc:  # progress is advisory; the result is what matters
+        if exc.status == 409 and isinstance(exc.detail, dict) and exc.detail.get("status") == "cancelled":
+            raise JobCancelled() from None
         logger.warning("progress report failed job_id=%s: %s", spec["id"], exc.message)
 
 

@@ -28,7 +28,8 @@ from .schemas import (AdminJobListArgs, AdminTokenCreate, AdminTokenCreated, Adm
                       AdminTokenPage, AgentCreate, AgentCreated, AgentDetailOut, AgentListArgs,
                       AgentOut, AgentPage, AuditListArgs, AuditPage, AdminJobOut, AdminJobPage,
                       ClusterInfoOut, Extended, PageArgs, TenantCreate, TenantCreated, TenantPage,
-                      TokenCreate, TokenCreated, TokenOut, TokenPage)
+                      TenantUpdate, TenantUsage, TokenCreate, TokenCreated, TokenOut, TokenPage,
+                      TokenRevoke)
 from .tenants import paged
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,62 @@ def _agent(name: str) -> Agent:
 @bp.response(201, TenantCreated)
 @admin_required("admin")
 def create_tenant(data):
-    """Create a tenant; its API key is shown once."""
+    """Create a tenant on a plan (default: DEFAULT_PLAN); its API key is shown once."""
     if db.session.scalar(select(Tenant.id).where(Tenant.name == data["name"])) is not None:
         raise ApiError(409, f"tenant {data['name']!r} already exists")
+    plan = _known_plan(data.get("plan") or current_app.config["DEFAULT_PLAN"])
     key = new_token(TENANT_PREFIX)
-    tenant = Tenant(name=data["name"], key_hash=hash_token(key))
+    tenant = Tenant(name=data["name"], key_hash=hash_token(key), plan=plan)
     db.session.add(tenant)
-    fleet.audit(g.admin.name, "create tenant", data["name"])
+    fleet.audit(g.admin.name, "create tenant", data["name"], f"plan={plan}")
     db.session.commit()
     return Extended(tenant, api_key=key)
+
+
+def _known_plan(plan: str) -> str:
+    plans = current_app.config["PLANS"]
+    if plan not in plans:
+        raise ApiError(400, f"unknown plan {plan!r}", {"plan": [f"valid: {', '.join(plans)}"]})
+    return plan
+
+
+def _tenant(name: str) -> Tenant:
+    tenant = db.session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise ApiError(404, f"tenant {name!r} not found")
+    return tenant
+
+
+def _tenant_usage(tenant: Tenant) -> Extended:
+    counts = dict(db.session.execute(select(Job.status, func.count()).where(
+        Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
+    usage = {"running": counts.get("running", 0), "queued": counts.get("queued", 0),
+             "pending": counts.get("pending", 0)}
+    usage["concurrent"] = usage["running"] + usage["queued"]
+    usage["waiting"] = usage["pending"] + usage["queued"]
+    return Extended(tenant, limits=jobs.plan_limits(tenant), usage=usage)
+
+
+@bp.get("/tenants/<name>")
+@bp.response(200, TenantUsage)
+@admin_required()
+def get_tenant(name):
+    """One tenant with its plan's limits and its usage against them."""
+    return _tenant_usage(_tenant(name))
+
+
+@bp.patch("/tenants/<name>")
+@bp.arguments(TenantUpdate())
+@bp.response(200, TenantUsage)
+@admin_required("admin")
+def update_tenant(data, name):
+    """Move a tenant to another plan (takes effect for the next admissions)."""
+    tenant = _tenant(name)
+    old, tenant.plan = tenant.plan, _known_plan(data["plan"])
+    fleet.audit(g.admin.name, "change plan", name, f"{old} -> {tenant.plan}")
+    db.session.commit()
+    jobs.admit_pending(tenant.id)
+    return _tenant_usage(tenant)
 
 
 @bp.get("/tenants")
@@ -100,7 +148,9 @@ def _token_view(record: BootstrapToken, **extra) -> Extended:
 @admin_required("admin")
 def create_token(data):
     """Create a bootstrap token (``--max-uses``, ``--expires``); shown once."""
-    token, raw = fleet.create_bootstrap_token(g.admin.name, data["max_uses"], data["expires"])
+    token, raw = fleet.create_bootstrap_token(g.admin.name, data["max_uses"], data["expires"],
+                                              region=data.get("region"), capabilities=data.get("capabilities"),
+                                              description=data.get("description"))
     return _token_view(token, token=raw)
 
 
@@ -116,16 +166,18 @@ def list_tokens(args):
 
 
 @bp.post("/tokens/<int:token_id>/revoke")
+@bp.arguments(TokenRevoke())
 @bp.response(200, TokenOut)
 @admin_required("admin")
-def revoke_token(token_id):
-    """Revoke a bootstrap token: registrations with it are refused from now on."""
+def revoke_token(data, token_id):
+    """Revoke a bootstrap token (recording who and why): registrations with it are refused."""
     token = db.session.get(BootstrapToken, token_id)
     if token is None:
         raise ApiError(404, f"token {token_id} not found")
     if token.revoked_at is None:
-        token.revoked_at = utcnow()
-        fleet.audit(g.admin.name, "revoke token", token.prefix)
+        token.revoked_at, token.revoked_by = utcnow(), g.admin.name
+        token.revoke_reason = data.get("reason")
+        fleet.audit(g.admin.name, "revoke token", token.prefix, data.get("reason"))
         db.session.commit()
     return _token_view(token)
 
@@ -283,6 +335,17 @@ def retry_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
     job = jobs.retry(_job(job_id), g.admin.name)
     fleet.audit(g.admin.name, "retry job", job_id)
+    db.session.commit()
+    return job
+
+
+@bp.post("/jobs/<job_id>/cancel")
+@bp.response(200, AdminJobOut)
+@admin_required("admin")
+def cancel_job(job_id):
+    """Cancel a pending, queued or running job (a running scan is stopped on its agent)."""
+    job = jobs.cancel(_job(job_id), g.admin.name)
+    fleet.audit(g.admin.name, "cancel job", job_id)
     db.session.commit()
     return job
 

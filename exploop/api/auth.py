@@ -16,7 +16,7 @@ from ..errors import ApiError
 from ..extensions import db
 from ..fleet import audit
 from ..models import AdminToken, Agent, Tenant
-from ..security import hash_token, matches
+from ..security import hash_token, matches, security_event
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ _HASH = {Agent: "key_hash", Tenant: "key_hash", AdminToken: "token_hash"}
 
 
 def _unauthorized(kind: str, reason: str | None = None):
+    security_event("auth_failed", kind, f"path={request.path} remote={request.remote_addr}"
+                   + (f" reason={reason}" if reason else ""))
     logger.warning("authentication failed audience=%s path=%s remote=%s%s",
                    kind, request.path, request.remote_addr, f" reason={reason}" if reason else "")
     detail = {"audience": kind, **({"reason": reason} if reason else {})}
@@ -91,6 +93,8 @@ def admin_required(role: str = "viewer"):
             if token.revoked_at is not None:
                 raise _unauthorized("admin", "revoked")
             if role == "admin" and token.role != "admin":
+                security_event("access_denied", "admin", f"token={token.name} role={token.role}"
+                               f" path={request.path}")
                 audit(token.name, "permission denied", f"{request.method} {request.path}",
                       f"role={token.role}")
                 db.session.commit()

@@ -1,7 +1,7 @@
 """Agent endpoints (``/platform/*``): register, config, lease, and job reports."""
 from __future__ import annotations
 
-from flask import current_app, g
+from flask import current_app, g, request
 from . import Blueprint
 
 from .. import fleet, jobs
@@ -68,8 +68,15 @@ def release_lease():
 @bp.response(200, ClaimOut)
 @agent_required
 def claim(body, job_id):
-    """Claim the current attempt of a queued job; 409 for a stale or duplicate delivery."""
-    return jobs.claim(g.agent, job_id, body["attempt"])
+    """Claim the current attempt of a queued job; 409 for a stale or duplicate delivery.
+    The answer carries the scoped job token that progress, complete and fail require."""
+    job, token = jobs.claim(g.agent, job_id, body["attempt"])
+    return Extended(job, job_token=token)
+
+
+def job_token() -> str | None:
+    """The scoped job token (``X-Job-Token``) that goes with the agent key."""
+    return request.headers.get("X-Job-Token")
 
 
 @bp.post("/jobs/<job_id>/progress")
@@ -78,7 +85,8 @@ def claim(body, job_id):
 @agent_required
 def progress(body, job_id):
     """Report progress of a job this agent holds."""
-    return jobs.progress(g.agent, job_id, body["attempt"], body["progress"], body.get("message"))
+    return jobs.progress(g.agent, job_id, body["attempt"], body["progress"], body.get("message"),
+                         job_token())
 
 
 @bp.post("/jobs/<job_id>/complete")
@@ -87,7 +95,7 @@ def progress(body, job_id):
 @agent_required
 def complete(body, job_id):
     """Store findings and complete a job this agent holds."""
-    return jobs.complete(g.agent, job_id, body["attempt"], body["findings"], body["summary"])
+    return jobs.complete(g.agent, job_id, body["attempt"], body["findings"], body["summary"], job_token())
 
 
 @bp.post("/jobs/<job_id>/fail")
@@ -96,4 +104,4 @@ def complete(body, job_id):
 @agent_required
 def fail(body, job_id):
     """Fail the current attempt of a job this agent holds (``retry`` requeues it)."""
-    return jobs.fail(g.agent, job_id, body["attempt"], body["error"], body["retry"])
+    return jobs.fail(g.agent, job_id, body["attempt"], body["error"], body["retry"], job_token())

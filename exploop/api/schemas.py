@@ -30,6 +30,11 @@ class Extended:
         return getattr(self._obj, name)
 
 
+def _queue_position(job):
+    from ..jobs import queue_position
+    return queue_position(job)
+
+
 class Strict(Schema):
     class Meta:
         ordered = True
@@ -60,8 +65,12 @@ class Page(Strict):
 
 # --- tenants ----------------------------------------------------------------
 
+PRIORITIES = ("critical", "high", "normal", "low")
+
+
 class JobCreate(Strict):
     repo_url = fields.String(required=True, validate=validate.Length(min=1, max=2048))
+    priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES))
     ref = fields.String(load_default="HEAD", validate=validate.Length(min=1, max=255))
     capability = fields.String(required=True, validate=validate.OneOf(
         CAPABILITIES, error=f"unknown capability; valid: {', '.join(CAPABILITIES)}"))
@@ -71,6 +80,9 @@ class JobCreate(Strict):
 class JobOut(Strict):
     id = fields.String()
     status = fields.String()
+    priority = fields.String()
+    queue_position = fields.Function(lambda job: _queue_position(job), allow_none=True,
+                                     metadata={"description": "1-based, while pending or queued"})
     capability = fields.String()
     region = fields.String()
     repo_url = fields.String()
@@ -167,6 +179,7 @@ class AttemptIn(Lenient):
 
 
 class ClaimOut(Strict):
+    job_token = fields.String(metadata={"description": "scoped token for progress/complete/fail"})
     id = fields.String()
     attempt = fields.Integer()
     capability = fields.String()
@@ -233,12 +246,23 @@ class Duration(fields.String):
 
 class TenantCreate(Strict):
     name = fields.String(required=True, validate=_NAME)
+    plan = fields.String(validate=validate.Length(min=1, max=32))
+
+
+class TenantUpdate(Strict):
+    plan = fields.String(required=True, validate=validate.Length(min=1, max=32))
 
 
 class TenantOut(Strict):
     id = fields.Integer()
     name = fields.String()
+    plan = fields.String()
     created_at = UTCDateTime()
+
+
+class TenantUsage(TenantOut):
+    limits = fields.Dict()
+    usage = fields.Dict()
 
 
 class TenantCreated(TenantOut):
@@ -252,6 +276,15 @@ class TenantPage(Page):
 class TokenCreate(Strict):
     max_uses = fields.Integer(load_default=1, validate=validate.Range(min=1, max=100000))
     expires = fields.String(load_default="1h", metadata={"description": "lifetime such as 30m, 1h, 7d"})
+    region = fields.String(validate=_REGION, metadata={"description": "only agents of this region"})
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+                               validate=validate.Length(min=1),
+                               metadata={"description": "agents may register only a subset of these"})
+    description = fields.String(validate=validate.Length(max=255))
+
+
+class TokenRevoke(Strict):
+    reason = fields.String(validate=validate.Length(max=255))
 
 
 class TokenOut(Strict):
@@ -264,6 +297,12 @@ class TokenOut(Strict):
     created_by = fields.String(allow_none=True)
     created_at = UTCDateTime()
     status = fields.String()
+    region = fields.String(allow_none=True)
+    capabilities = fields.Function(lambda t: [c for c in (t.capabilities or "").split(",") if c] or None,
+                                   allow_none=True)
+    description = fields.String(allow_none=True)
+    revoked_by = fields.String(allow_none=True)
+    revoke_reason = fields.String(allow_none=True)
 
 
 class TokenCreated(TokenOut):

@@ -69,6 +69,14 @@ def get_job(job_id):
     return tenant_job(job_id)
 
 
+@bp.post("/jobs/<job_id>/cancel")
+@bp.response(200, JobOut)
+@tenant_required
+def cancel_job(job_id):
+    """Cancel a pending, queued or running job of this tenant (a running scan is stopped)."""
+    return jobs.cancel(tenant_job(job_id), f"tenant:{g.tenant.name}")
+
+
 @bp.get("/jobs/<job_id>/findings")
 @bp.arguments(PageArgs(), location="query")
 @bp.response(200, FindingPage)
