@@ -218,16 +218,17 @@ def admit_pending(tenant_id: int) -> int:
     free = plan_limits(tenant)["max_concurrent"] - _active_count(tenant_id)
     if free <= 0:
         return 0
-    jobs = db.session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status == "pending")
-                              .order_by(Job.admission_key, Job.id).limit(free)).all()
+    ids = db.session.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.status == "pending")
+                             .order_by(Job.admission_key, Job.id).limit(free)).all()
+    # One statement for the batch; the status guard and RETURNING keep a concurrent
+    # admission (the API on a completion, the controller) from publishing a job twice.
+    won = set(db.session.scalars(update(Job).where(Job.id.in_(ids), Job.status == "pending")
+                                 .values(status="queued", queued_at=utcnow()).returning(Job.id)).all())
+    db.session.commit()
     admitted = 0
-    for job in jobs:
-        result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == "pending")
-                                    .values(status="queued", queued_at=utcnow()))
-        db.session.commit()
-        if result.rowcount == 1:
-            db.session.refresh(job)
-            admitted += publish(job)
+    for job in db.session.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.admission_key, Job.id)
+                                  .execution_options(populate_existing=True)):
+        admitted += publish(job)
     return admitted
 
 
