@@ -16,7 +16,7 @@ from typing import Mapping
 
 __all__ = [
     "ConfigError", "parse_duration", "format_duration", "server_defaults",
-    "AgentSettings", "CAPABILITIES", "data_dir",
+    "AgentSettings", "CAPABILITIES", "data_dir", "parse_size", "format_size", "ScannerSettings",
 ]
 
 #: Scan capabilities the platform knows; agents advertise a subset.
@@ -180,4 +180,57 @@ class AgentSettings:
             agent_name=env.get("AGENT_NAME") or None,
             broker_url=env.get("BROKER_URL") or None,
             state_dir=state_dir,
+        )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def parse_size(value: str | int, name: str = "size") -> int:
+    """Parse ``512m``, ``4g``, ``2GiB``, ``100k`` or a bare number of bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ConfigError(f"{name}: invalid size {value!r} (use e.g. 512m, 4g)")
+        unit = (match.group(2) or "").lower()[:1]
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}: size must be positive, got {value!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """Render bytes for messages: ``512 MiB``, ``4 GiB``."""
+    for unit, factor in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} B"
+
+
+@dataclass(frozen=True)
+class ScannerSettings:
+    """How an agent runs scanners: environment variables read once when the agent starts."""
+
+    # Directory of the OSV database (``<Ecosystem>/all.zip`` or JSON directories); SCA needs it.
+    osv_db_dir: Path | None = None
+    # Address-space limit (RLIMIT_AS) of every scanner process; semgrep needs about 3 GiB.
+    memory_limit: int = 4 * 1024 ** 3
+    # Largest repository accepted: packed history and checked-out tree, checked after fetch.
+    repo_size_limit: int = 1024 ** 3
+    # semgrep executable; None looks beside this Python and on PATH, "none" disables semgrep.
+    semgrep_bin: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ScannerSettings":
+        """Read OSV_DB_DIR, SCANNER_MEMORY_LIMIT, REPO_SIZE_LIMIT, SEMGREP_BIN."""
+        env = os.environ if environ is None else environ
+        osv = (env.get("OSV_DB_DIR") or "").strip()
+        return cls(
+            osv_db_dir=Path(osv).expanduser() if osv else None,
+            memory_limit=parse_size(env.get("SCANNER_MEMORY_LIMIT") or "4g", "SCANNER_MEMORY_LIMIT"),
+            repo_size_limit=parse_size(env.get("REPO_SIZE_LIMIT") or "1g", "REPO_SIZE_LIMIT"),
+            semgrep_bin=(env.get("SEMGREP_BIN") or "").strip() or None,
         )

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.exceptions import Reject
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
+from exploop.config import ScannerSettings
 from exploop.routing import RUN_SCAN
 
 from .workspace import JobError, Workspace
@@ -22,9 +23,16 @@ logger = logging.getLogger("exploop.agent")
 __all__ = ["register_tasks", "SCANNERS"]
 
 #: Capability -> scanner module run in its own process.
-SCANNERS = {"secrets": "workers.scanners.secrets"}
+SCANNERS = {
+    "sast": "workers.scanners.sast",
+    "sca": "workers.scanners.sca",
+    "secrets": "workers.scanners.secrets",
+}
+#: Capabilities whose scanner reads every commit (the others get a shallow clone).
+NEEDS_HISTORY = {"secrets"}
 
 _clients: dict[int, PlatformClient] = {}
+_settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
 
 
 def _client(runtime) -> PlatformClient:
@@ -38,6 +46,8 @@ def _client(runtime) -> PlatformClient:
 
 def register_tasks(app: Celery) -> None:
     """Register the scan task on the agent's Celery app."""
+    # Read at start so a bad SCANNER_MEMORY_LIMIT or REPO_SIZE_LIMIT stops the agent at once.
+    _settings.append(ScannerSettings.from_env())
 
     @app.task(name=RUN_SCAN, bind=True, acks_late=True)
     def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
@@ -89,19 +99,37 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     return "completed"
 
 
+def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
+    """Command-line options of a capability's scanner, from the agent's settings."""
+    if capability == "sca":
+        if settings.osv_db_dir is None:
+            raise JobError("OSV database not configured on this agent: set OSV_DB_DIR and run "
+                           "`exploop-agent osv-sync` (no package was checked)")
+        return ["--osv-db", str(settings.osv_db_dir)]
+    if capability == "sast" and settings.semgrep_bin:
+        return ["--semgrep", settings.semgrep_bin]
+    return []
+
+
 def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict]:
-    module = SCANNERS.get(spec["capability"])
+    settings = _settings[-1] if _settings else ScannerSettings.from_env()
+    capability = spec["capability"]
+    module = SCANNERS.get(capability)
     if module is None:
-        raise JobError(f"capability {spec['capability']!r} has no scanner on this agent")
-    with Workspace(spec["id"], deadline) as workspace:
-        commit = workspace.checkout(spec["repo_url"], spec["ref"])
+        raise JobError(f"capability {capability!r} has no scanner on this agent")
+    args = _scanner_args(capability, settings)
+    with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
+                   size_limit=settings.repo_size_limit) as workspace:
+        commit = workspace.checkout(spec["repo_url"], spec["ref"],
+                                    history=capability in NEEDS_HISTORY)
         _progress(client, spec, 30, f"checked out {commit[:12]}")
-        result = workspace.run_scanner(module)
+        result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished")
-    for finding in result["findings"]:
+    findings = result["findings"]
+    for finding in findings:
         finding.setdefault("commit", commit)
-    return result["findings"], {"commit": commit,
-                                "engines": [{"name": result["engine"], "version": result["version"]}]}
+    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
+    return findings, summary
 
 
 def _progress(client: PlatformClient, spec: dict, percent: int, message: str) -> None:
