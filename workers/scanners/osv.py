@@ -141,8 +141,10 @@ class Advisory:
     @classmethod
     def from_record(cls, record: dict) -> "Advisory":
         details = (record.get("details") or "").strip()
-        summary = record.get("summary") or details.split("\n\n", 1)[0]
-        return cls(id=record["id"], summary=" ".join(summary.split())[:500],
+        summary = " ".join((record.get("summary") or details.split("\n\n", 1)[0]).split())
+        if len(summary) > 300:
+            summary = summary[:300].rsplit(" ", 1)[0] + "..."
+        return cls(id=record["id"], summary=summary,
                    aliases=list(record.get("aliases") or []), affected=record.get("affected") or [],
                    severity=list(record.get("severity") or []),
                    database_specific=record.get("database_specific") or {},

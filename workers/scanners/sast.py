@@ -59,8 +59,8 @@ def _run(cmd: list[str], cwd: str, engine: str, ok_codes=(0,)) -> subprocess.Com
 
 
 def _bandit_version() -> str:
-    from bandit import __version__
-    return __version__
+    from importlib.metadata import version  # importing bandit itself loads every plugin
+    return version("bandit")
 
 
 def run_bandit(root: str, files: list[str], cache: dict) -> tuple[list[dict], dict]:

@@ -339,7 +339,7 @@ def match(package: Package, advisories: list[Advisory]) -> list[dict]:
         cwes = [c for adv in group for c in adv.database_specific.get("cwe_ids", []) or []]
         message = (f"{package.name} {package.version} ({package.ecosystem}) is affected by {primary.id}"
                    + (f" (aliases: {', '.join(aliases)})" if aliases else "")
-                   + f": {primary.summary or 'see the advisory'}"
+                   + f": {(primary.summary or 'see the advisory').rstrip('.')}."
                    + (f" Fixed in: {', '.join(fixed)}." if fixed else " No fixed version is known.")
                    + (f" Severity from {basis}." if basis else " The advisory gives no severity score."))
         findings.append(make_finding(
