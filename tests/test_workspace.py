@@ -1,0 +1,109 @@
+"""Workspaces and scanner processes: time limit, memory limit, size limit, clean-up, env."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.workspace import JobError, JobTimeout, Workspace, minimal_env, run_process
+
+from .scan_helpers import commit
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    started = time.monotonic()
+    with pytest.raises(JobTimeout, match="job timeout during scanner slow: time limit reached") as info:
+        run_process([sys.executable, "-c", script], cwd=str(tmp_path), env=minimal_env(str(tmp_path)),
+                    deadline=time.monotonic() + 1.5, what="scanner slow")
+    assert info.value.retry is True
+    assert time.monotonic() - started < 10
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_memory_limit_stops_a_hungry_scanner(tmp_path):
+    with pytest.raises(JobError, match=r"scanner hungry ran out of memory \(SCANNER_MEMORY_LIMIT=256 MiB\)") as info:
+        run_process([sys.executable, "-c", "x = bytearray(1024 * 1024 * 1024)"], cwd=str(tmp_path),
+                    env=minimal_env(str(tmp_path)), deadline=time.monotonic() + 30, what="scanner hungry",
+                    memory_limit=256 * 1024 * 1024)
+    assert info.value.retry is False
+
+
+def test_crash_message_names_the_scanner_and_reason(tmp_path):
+    with pytest.raises(JobError, match="scanner sast failed: RuntimeError: boom"):
+        run_process([sys.executable, "-c", "raise RuntimeError('boom')"], cwd=str(tmp_path),
+                    env=minimal_env(str(tmp_path)), deadline=time.monotonic() + 30, what="scanner sast")
+    with pytest.raises(JobError, match="scanner sast was killed by SIGSEGV"):
+        run_process([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+                    cwd=str(tmp_path), env=minimal_env(str(tmp_path)), deadline=time.monotonic() + 30,
+                    what="scanner sast")
+
+
+def test_minimal_env_carries_no_agent_secrets(monkeypatch, tmp_path):
+    monkeypatch.setenv("API_KEY", "ragent_secret")
+    monkeypatch.setenv("BROKER_URL", "redis://secret@host")
+    env = minimal_env(str(tmp_path), str(tmp_path / "tmp"))
+    assert "API_KEY" not in env and "BROKER_URL" not in env
+    assert env["TMPDIR"] == str(tmp_path / "tmp") and env["HOME"] == str(tmp_path)
+
+
+def test_shallow_and_full_checkout_then_directory_removed(tmp_path):
+    src = tmp_path / "src"
+    commit(src, {"a.txt": "1\n"}, "one")
+    head = commit(src, {"a.txt": "2\n"}, "two")
+    base = tmp_path / "work"
+    base.mkdir()
+    with Workspace("job1", time.monotonic() + 60, str(base)) as ws:
+        assert ws.checkout(f"file://{src}", "main") == head
+        assert ws.git("rev-list", "--count", "HEAD", what="count").strip() == "1"
+        root = ws.root
+    assert not root.exists() and list(base.iterdir()) == []
+    with Workspace("job2", time.monotonic() + 60, str(base)) as ws:
+        ws.checkout(f"file://{src}", "main", history=True)
+        assert ws.git("rev-list", "--count", "HEAD", what="count").strip() == "2"
+    assert list(base.iterdir()) == []
+
+
+def test_bad_repository_and_ref(tmp_path):
+    src = tmp_path / "src"
+    commit(src, {"a.txt": "1\n"})
+    with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
+        with pytest.raises(JobError, match=r"repository file:///nonexistent/repo could not be cloned"):
+            ws.checkout("file:///nonexistent/repo", "main")
+    with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
+        with pytest.raises(JobError, match="ref 'no-such-branch' not found in file://"):
+            ws.checkout(f"file://{src}", "no-such-branch")
+
+
+def test_repository_size_limit(tmp_path):
+    src = tmp_path / "src"
+    commit(src, {"big.bin": "0123456789abcdef" * 64 * 1024})  # 1 MiB, compresses well
+    with Workspace("job", time.monotonic() + 60, str(tmp_path), size_limit=512 * 1024) as ws:
+        with pytest.raises(JobError, match=r"too large: checked-out tree 1 MiB exceed REPO_SIZE_LIMIT \(512 KiB\)"):
+            ws.checkout(f"file://{src}", "main")
+        assert not (ws.repo / "big.bin").exists()  # refused before checkout
+    with Workspace("job", time.monotonic() + 60, str(tmp_path), size_limit=2 * 1024 * 1024) as ws:
+        ws.checkout(f"file://{src}", "main")
+        assert (ws.repo / "big.bin").stat().st_size == 1024 * 1024
