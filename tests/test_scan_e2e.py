@@ -187,3 +187,10 @@ def test_bad_input_fails_clearly_and_agent_keeps_working(tmp_path, database_url,
         assert _workspaces(agent_tmp) == []
     finally:
         stack.stop()
+
+
+def test_agent_refuses_a_bad_scanner_setting(stack):
+    stack.start_api()
+    agent = stack.start_agent(SCANNER_MEMORY_LIMIT="lots")
+    assert agent.wait(timeout=60) == 2
+    assert "exploop-agent: SCANNER_MEMORY_LIMIT: invalid size 'lots' (use e.g. 512m, 4g)" in agent.output()

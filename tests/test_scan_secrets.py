@@ -1,7 +1,9 @@
 """Secrets scanner: planted keys in the working tree and in git history."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 
 import pytest
@@ -67,7 +69,6 @@ def test_values_never_leave_the_scanner(history_repo):
     document = json.loads(proc.stdout)
     aws = next(f for f in document["findings"] if f["rule_id"] == "secrets.aws-access-key")
     assert aws["preview"] == "AKIA" + "*" * 16
-    import hashlib
     assert aws["secret_hash"] == hashlib.sha256(AWS_KEY.encode()).hexdigest()
 
 
@@ -114,3 +115,37 @@ def test_merge_commit_history(tmp_path):
     found = secrets.scan(str(path))["findings"]
     token = next(f for f in found if f["rule_id"] == "secrets.github-token")
     assert (token["path"], token["start_line"], token["commit"]) == ("feature.py", 1, feature)
+
+
+FAKE_GITLEAKS = r'''#!/usr/bin/env python3
+"""Stand-in for the gitleaks v8 CLI (no official binary can be installed on the test hosts):
+"gitleaks version" and "gitleaks detect ... --report-path FILE" writing gitleaks' JSON report."""
+import json, sys
+if sys.argv[1] == "version":
+    print("v8.21.2")
+    sys.exit(0)
+args = sys.argv[1:]
+assert args[0] == "detect" and "--no-banner" in args and args[args.index("--exit-code") + 1] == "0"
+report = args[args.index("--report-path") + 1]
+json.dump([
+    {"RuleID": "aws-access-token", "Description": "AWS", "StartLine": 2, "EndLine": 2,
+     "File": "app/settings.py", "Commit": "%(c1)s", "Secret": "%(aws)s", "Match": "x"},
+    {"RuleID": "generic-api-key", "Description": "Generic API Key", "StartLine": 7, "EndLine": 7,
+     "File": "notes.txt", "Commit": "%(c1)s", "Secret": "only-gitleaks-sees-this-1234", "Match": "x"},
+], open(report, "w"))
+'''
+
+
+def test_gitleaks_findings_are_merged_without_duplicates(history_repo, tmp_path, monkeypatch):
+    path, (c1, *_rest) = history_repo
+    binary = tmp_path / "bin" / "gitleaks"
+    binary.parent.mkdir()
+    binary.write_text(FAKE_GITLEAKS % {"c1": c1, "aws": AWS_KEY})
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{binary.parent}:{os.environ['PATH']}")
+    result = secrets.scan(str(path))
+    assert {"name": "gitleaks", "version": "8.21.2"} in result["engines"]
+    extra = [f for f in result["findings"] if f["engine"] == "gitleaks"]
+    assert [(f["rule_id"], f["path"], f["start_line"], f["commit"]) for f in extra] == [
+        ("gitleaks.generic-api-key", "notes.txt", 7, c1)]  # the AWS key was already reported
+    assert extra[0]["preview"] == "only" + "*" * 24 and "engines_unavailable" not in result["summary"]

@@ -107,3 +107,17 @@ def test_repository_size_limit(tmp_path):
     with Workspace("job", time.monotonic() + 60, str(tmp_path), size_limit=2 * 1024 * 1024) as ws:
         ws.checkout(f"file://{src}", "main")
         assert (ws.repo / "big.bin").stat().st_size == 1024 * 1024
+
+
+def test_scanner_settings_from_env():
+    from exploop.config import ConfigError, ScannerSettings, parse_size
+    assert parse_size("4g") == 4 * 1024 ** 3 and parse_size("512MiB") == 512 * 1024 ** 2
+    assert parse_size("100k") == 102400 and parse_size("2048") == 2048
+    settings = ScannerSettings.from_env({"OSV_DB_DIR": "/srv/osv", "SCANNER_MEMORY_LIMIT": "2g",
+                                         "REPO_SIZE_LIMIT": "200m", "SEMGREP_BIN": "none"})
+    assert settings == ScannerSettings(Path("/srv/osv"), 2 * 1024 ** 3, 200 * 1024 ** 2, "none")
+    assert ScannerSettings.from_env({}) == ScannerSettings(None, 4 * 1024 ** 3, 1024 ** 3, None)
+    with pytest.raises(ConfigError, match="SCANNER_MEMORY_LIMIT: invalid size 'lots'"):
+        ScannerSettings.from_env({"SCANNER_MEMORY_LIMIT": "lots"})
+    with pytest.raises(ConfigError, match="REPO_SIZE_LIMIT: size must be positive"):
+        ScannerSettings.from_env({"REPO_SIZE_LIMIT": "0"})

@@ -101,7 +101,8 @@ def run_bandit(root: str, files: list[str], cache: dict) -> tuple[list[dict], di
                 message=f"{issue['test_id']} {issue['test_name']}: {issue['issue_text']}",
                 basis=code_basis(root, path, start, end, cache)))
     return findings, {"name": "bandit", "version": _bandit_version(), "languages": ["python"],
-                      "files": len(targets), "errors": errors, "suppressed": skipped}
+                      "files": len(targets), "errors": errors[:50], "error_count": len(errors),
+                      "suppressed": skipped}
 
 
 def _rule_ids() -> dict[str, dict]:
@@ -117,7 +118,7 @@ def run_semgrep(root: str, semgrep: str, cache: dict) -> tuple[list[dict], dict]
     """semgrep with the shipped rules, offline; its JSON report mapped onto findings."""
     rules = _rule_ids()
     cmd = [semgrep, "scan", "--config", str(RULES_DIR), "--json", "--quiet", "--metrics=off",
-           "--disable-version-check", "--oss-only", "--no-rewrite-rule-ids", "--timeout", "30", "."]
+           "--disable-version-check", "--no-rewrite-rule-ids", "--timeout", "30", "."]
     env = dict(os.environ, SEMGREP_SEND_METRICS="off", SEMGREP_ENABLE_VERSION_CHECK="0")
     try:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, errors="replace", env=env)
@@ -154,7 +155,8 @@ def run_semgrep(root: str, semgrep: str, cache: dict) -> tuple[list[dict], dict]
     return findings, {"name": "semgrep", "version": report.get("version", "unknown"),
                       "languages": list(SEMGREP_LANGUAGES), "rules": len(rules),
                       "files": len(report.get("paths", {}).get("scanned", [])),
-                      "errors": [{"path": p, "reason": "could not be analysed"} for p in skipped[:50]]}
+                      "errors": [{"path": p, "reason": "could not be analysed"} for p in skipped[:50]],
+                      "error_count": len(skipped)}
 
 
 def _rel(path: str) -> str:

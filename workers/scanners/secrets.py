@@ -50,7 +50,7 @@ def mask(value: str) -> str:
     return value[:keep] + "*" * max(4, min(len(value) - keep, 40))
 
 
-def _secret_finding(engine: str, rule: str, kind: str, path: str, line: int, value: str,
+def _secret_finding(engine: str, rule: str, path: str, line: int | None, value: str,
                     severity: str, confidence: str, commit: str | None, message: str) -> dict:
     secret_hash = hashlib.sha256(value.encode()).hexdigest()
     item = {
@@ -102,7 +102,7 @@ def scan_tree(root: str, processes: int = 1) -> list[dict]:
     for path, secret in _detect(files, root, processes):
         rule = f"secrets.{_slug(secret.type)}"
         findings.append(_secret_finding(
-            ENGINE, rule, secret.type, path, secret.line_number, secret.secret_value or "",
+            ENGINE, rule, path, secret.line_number, secret.secret_value or "",
             _SEVERITY.get(secret.type, "high"), _CONFIDENCE.get(secret.type, "high"), None,
             f"{secret.type} committed to the repository"))
     return findings
@@ -176,7 +176,7 @@ def scan_history(root: str, tree_findings: list[dict], processes: int = 1) -> li
         rule = f"secrets.{_slug(secret.type)}"
         value = secret.secret_value or ""
         item = _secret_finding(
-            ENGINE, rule, secret.type, path, secret.line_number, value,
+            ENGINE, rule, path, secret.line_number, value,
             _SEVERITY.get(secret.type, "high"), _CONFIDENCE.get(secret.type, "high"), commit,
             f"{secret.type} in git history (added in commit {commit[:12]}; "
             "no longer in the checked-out tree): rotate it, removing the file does not revoke it")
@@ -210,7 +210,7 @@ def scan_gitleaks(root: str, gitleaks: str, known: set) -> tuple[list[dict], dic
         value = leak.get("Secret") or leak.get("Match") or ""
         rule = f"gitleaks.{leak.get('RuleID', 'unknown')}"
         item = _secret_finding(
-            "gitleaks", rule, leak.get("Description", ""), leak.get("File", ""),
+            "gitleaks", rule, leak.get("File", ""),
             leak.get("StartLine") or None, value, "high", "medium", leak.get("Commit") or None,
             f"{leak.get('Description') or leak.get('RuleID')} found by gitleaks"
             + (f" in commit {leak['Commit'][:12]}" if leak.get("Commit") else ""))
