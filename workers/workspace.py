@@ -21,6 +21,8 @@ from exploop.config import format_size
 __all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "redact_url", "minimal_env"]
 
 # What a process that hit RLIMIT_AS says on its way out (Python, glibc, OCaml/semgrep).
+# Characters git never allows in a ref name (and whitespace/control characters).
+_BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.")
 _OUT_OF_MEMORY = re.compile(r"MemoryError|Cannot allocate memory|[Oo]ut of memory|"
                             r"engine was killed|std::bad_alloc")
 
@@ -139,13 +141,19 @@ class Workspace:
         With ``history`` every commit reachable from ``ref`` is fetched (secrets scans
         read them all); otherwise only the tip (``--depth 1``).
         """
-        self.repo.mkdir()
         shown = redact_url(repo_url)
+        # Both come from the tenant: one starting with "-" would be read as an option
+        # (``--upload-pack=<command>`` runs a command), so refuse it and end options with "--".
+        if not ref or ref.startswith("-") or _BAD_REF.search(ref):
+            raise JobError(f"invalid ref {ref!r}: expected a branch, tag or commit")
+        if repo_url.startswith("-"):
+            raise JobError(f"invalid repository URL {shown!r}")
+        self.repo.mkdir()
         self.git("init", "-q", what="git init")
-        self.git("remote", "add", "origin", repo_url, what="git remote add")
+        self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
         depth = [] if history else ["--depth", "1"]
         try:
-            self.git("fetch", "-q", *depth, "--no-tags", "origin", ref, what=f"clone of {shown}")
+            self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
         except JobTimeout:
             raise
         except JobError as exc:
