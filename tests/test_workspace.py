@@ -152,3 +152,19 @@ def test_api_refuses_option_like_ref(client, tenant_key):
         # foundation sets its 400 parser after the blueprints are decorated).
         assert reply.status_code in (400, 422), (ref, reply.get_json())
         assert reply.get_json()["error"] == "invalid request: ref"
+
+
+def test_symlinks_are_not_followed_by_scanners(tmp_path):
+    from workers.scanners import secrets
+    outside = tmp_path / "agent-home" / "agent.json"
+    outside.parent.mkdir()
+    outside.write_text('{"api_key": "AKIAIOSFODNN7EXAMPLE"}\n')
+    src = tmp_path / "src"
+    commit(src, {"README.md": "hi\n"})
+    (src / "leak.json").symlink_to(outside)
+    commit(src, {}, "add a link")
+    with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
+        ws.checkout(f"file://{src}", "main", history=True)
+        link = ws.repo / "leak.json"
+        assert not link.is_symlink() and link.read_text() == str(outside)
+        assert secrets.scan(str(ws.repo))["findings"] == []

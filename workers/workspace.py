@@ -150,6 +150,9 @@ class Workspace:
             raise JobError(f"invalid repository URL {shown!r}")
         self.repo.mkdir()
         self.git("init", "-q", what="git init")
+        # Check symlinks out as plain files holding their target: a tenant's link to
+        # /etc/passwd or to the agent's key file must never be followed by a scanner.
+        self.git("config", "core.symlinks", "false", what="git config")
         self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
         depth = [] if history else ["--depth", "1"]
         try:
