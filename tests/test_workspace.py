@@ -1,6 +1,7 @@
 """Workspaces and scanner processes: time limit, memory limit, size limit, clean-up, env."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -155,16 +156,23 @@ def test_api_refuses_option_like_ref(client, tenant_key):
 
 
 def test_symlinks_are_not_followed_by_scanners(tmp_path):
-    from workers.scanners import secrets
+    from workers.scanners import sca, secrets
     outside = tmp_path / "agent-home" / "agent.json"
     outside.parent.mkdir()
     outside.write_text('{"api_key": "AKIAIOSFODNN7EXAMPLE"}\n')
     src = tmp_path / "src"
     commit(src, {"README.md": "hi\n"})
-    (src / "leak.json").symlink_to(outside)
+    (src / "requirements.txt").symlink_to(outside)  # SCA echoes lines it cannot parse
     commit(src, {}, "add a link")
     with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
         ws.checkout(f"file://{src}", "main", history=True)
-        link = ws.repo / "leak.json"
+        link = ws.repo / "requirements.txt"
         assert not link.is_symlink() and link.read_text() == str(outside)
         assert secrets.scan(str(ws.repo))["findings"] == []
+        osv = tmp_path / "osv" / "npm"
+        osv.mkdir(parents=True)
+        (osv / "X.json").write_text('{"id": "X", "affected": []}')
+        (osv.parent / "PyPI").mkdir()
+        (osv.parent / "PyPI" / "X.json").write_text('{"id": "X", "affected": []}')
+        result = sca.scan(str(ws.repo), str(osv.parent))
+        assert "AKIA" not in json.dumps(result)

@@ -55,6 +55,8 @@ def code_basis(root: str, path: str, start: int | None, end: int | None,
     lines = None if cache is None else cache.get(path)
     if lines is None:
         try:
+            if os.path.islink(os.path.join(root, path)):
+                raise OSError("symbolic link")  # never read outside the checkout
             with open(os.path.join(root, path), encoding="utf-8", errors="replace") as handle:
                 lines = handle.read().splitlines()
         except OSError:

@@ -65,7 +65,8 @@ def _bandit_version() -> str:
 
 def run_bandit(root: str, files: list[str], cache: dict) -> tuple[list[dict], dict]:
     """bandit on the tracked Python files; its JSON report mapped onto findings."""
-    targets = [f for f in files if f.endswith((".py", ".pyw"))]
+    targets = [f for f in files if f.endswith((".py", ".pyw"))
+               and not os.path.islink(os.path.join(root, f))]  # never read outside the checkout
     findings, errors, skipped = [], [], 0
     batch: list[str] = []
     batches = []

@@ -364,6 +364,8 @@ def scan(root: str, osv_db: str | None) -> dict:
         kind = lockfile_kind(path)
         if kind is None:
             continue
+        if os.path.islink(os.path.join(root, path)):
+            continue  # never follow a link out of the checkout (the agent checks links out as files)
         try:
             with open(os.path.join(root, path), encoding="utf-8") as handle:
                 text = handle.read()
