@@ -5,6 +5,7 @@ attempt of a queued job, so a redelivered or duplicate message is skipped here.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,6 +31,11 @@ SCANNERS = {
 }
 #: Capabilities whose scanner reads every commit (the others get a shallow clone).
 NEEDS_HISTORY = {"secrets"}
+#: What the API keeps of a finding (FindingIn); scanners may add detail for their own use.
+_FINDING_FIELDS = ("rule_id", "severity", "confidence", "path", "start_line", "end_line", "message",
+                   "engine", "cwe", "fingerprint", "secret_hash", "preview", "commit")
+MAX_FINDINGS = 100_000  # CompleteIn's limit
+MAX_REPORT_BYTES = 15 * 1024 * 1024  # under the API's 16 MiB MAX_CONTENT_LENGTH, with room for the summary
 
 _clients: dict[int, PlatformClient] = {}
 _settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
@@ -125,9 +131,18 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
         _progress(client, spec, 30, f"checked out {commit[:12]}")
         result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished")
-    findings = result["findings"]
+    findings = [{k: f[k] for k in _FINDING_FIELDS if f.get(k) is not None} for f in result["findings"]]
     for finding in findings:
         finding.setdefault("commit", commit)
+    # The API stores at most MAX_FINDINGS per job in a request of at most 16 MiB: say so
+    # instead of sending a report it would refuse (the job would hang as "running").
+    if len(findings) > MAX_FINDINGS:
+        raise JobError(f"scanner {capability} reported {len(findings)} findings; a job stores at most "
+                       f"{MAX_FINDINGS}")
+    size = len(json.dumps(findings))
+    if size > MAX_REPORT_BYTES:
+        raise JobError(f"scanner {capability} findings are {size / 1048576:.1f} MiB; a job report holds "
+                       f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
     summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
     return findings, summary
 
