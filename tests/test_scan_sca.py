@@ -3,7 +3,6 @@ small npm/Go fixtures; OSV range semantics; a missing database fails loudly."""
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 
 import pytest

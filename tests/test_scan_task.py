@@ -14,7 +14,6 @@ from exploop.procs import free_port
 from workers import tasks
 from workers.workspace import JobError
 
-from . import sca_fixtures
 from .scan_helpers import commit, needs_shared_osv, write_osv_db
 
 
