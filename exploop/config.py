@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Mapping
 
 __all__ = [
-    "ConfigError", "parse_duration", "parse_bytes", "format_duration", "server_defaults",
-    "AgentSettings", "CAPABILITIES", "data_dir",
+    "ConfigError", "parse_duration", "format_duration", "server_defaults",
+    "AgentSettings", "CAPABILITIES", "data_dir", "parse_size", "format_size", "ScannerSettings",
 ]
 
 #: Scan capabilities the platform knows; agents advertise a subset.
@@ -43,25 +43,6 @@ def parse_duration(value: str | int | float, name: str = "duration") -> float:
     if seconds <= 0:
         raise ConfigError(f"{name}: duration must be positive, got {value!r}")
     return seconds
-
-
-_BYTE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
-               "g": 1024 ** 3, "gb": 1024 ** 3, "t": 1024 ** 4, "tb": 1024 ** 4}
-
-
-def parse_bytes(text: str) -> int:
-    """``4g``, ``512m``, ``512Mi``, ``1073741824`` -> bytes (ValueError otherwise)."""
-    raw = text.strip().lower()
-    raw = raw[:-1] if raw.endswith("i") else raw.replace("ib", "b")
-    number = raw.rstrip("kmgtb")
-    unit = raw[len(number):]
-    try:
-        value = int(float(number) * _BYTE_UNITS[unit])
-    except (ValueError, KeyError):
-        raise ValueError(f"invalid size {text!r} (use e.g. 512m, 4g)") from None
-    if value <= 0:
-        raise ValueError(f"invalid size {text!r}")
-    return value
 
 
 def format_duration(seconds: float) -> str:
@@ -162,10 +143,7 @@ def _memory_limit(env: Mapping[str, str]) -> int | None:
     raw = env.get("MEMORY_LIMIT")
     if not raw:
         return None
-    try:
-        return parse_bytes(raw)
-    except ValueError as exc:
-        raise ConfigError(f"MEMORY_LIMIT: {exc}") from None
+    return parse_size(raw, "MEMORY_LIMIT")
 
 
 def _ratio(env: Mapping[str, str], name: str, default: float) -> float:
@@ -258,4 +236,57 @@ class AgentSettings:
             memory_limit=_memory_limit(env),
             memory_warn_ratio=_ratio(env, "MEMORY_WARN_RATIO", 0.9),
             state_dir=state_dir,
+        )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def parse_size(value: str | int, name: str = "size") -> int:
+    """Parse ``512m``, ``4g``, ``2GiB``, ``100k`` or a bare number of bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ConfigError(f"{name}: invalid size {value!r} (use e.g. 512m, 4g)")
+        unit = (match.group(2) or "").lower()[:1]
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}: size must be positive, got {value!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """Render bytes for messages: ``512 MiB``, ``4 GiB``."""
+    for unit, factor in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} B"
+
+
+@dataclass(frozen=True)
+class ScannerSettings:
+    """How an agent runs scanners: environment variables read once when the agent starts."""
+
+    # Directory of the OSV database (``<Ecosystem>/all.zip`` or JSON directories); SCA needs it.
+    osv_db_dir: Path | None = None
+    # Address-space limit (RLIMIT_AS) of every scanner process; semgrep needs about 3 GiB.
+    memory_limit: int = 4 * 1024 ** 3
+    # Largest repository accepted: packed history and checked-out tree, checked after fetch.
+    repo_size_limit: int = 1024 ** 3
+    # semgrep executable; None looks beside this Python and on PATH, "none" disables semgrep.
+    semgrep_bin: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ScannerSettings":
+        """Read OSV_DB_DIR, SCANNER_MEMORY_LIMIT, REPO_SIZE_LIMIT, SEMGREP_BIN."""
+        env = os.environ if environ is None else environ
+        osv = (env.get("OSV_DB_DIR") or "").strip()
+        return cls(
+            osv_db_dir=Path(osv).expanduser() if osv else None,
+            memory_limit=parse_size(env.get("SCANNER_MEMORY_LIMIT") or "4g", "SCANNER_MEMORY_LIMIT"),
+            repo_size_limit=parse_size(env.get("REPO_SIZE_LIMIT") or "1g", "REPO_SIZE_LIMIT"),
+            semgrep_bin=(env.get("SEMGREP_BIN") or "").strip() or None,
         )

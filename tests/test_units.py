@@ -101,9 +101,9 @@ def test_json_log_lines_carry_the_message_and_its_fields():
     assert (line["job_id"], line["agent"], line["level"]) == ("abc123", "agent-us-east-1", "info")
 
 
-def test_parse_bytes():
-    from exploop.config import parse_bytes
-    assert parse_bytes("4g") == 4 * 1024 ** 3 and parse_bytes("512Mi") == 512 * 1024 ** 2
+def test_parse_size():
+    from exploop.config import parse_size
+    assert parse_size("4g") == 4 * 1024 ** 3 and parse_size("512Mi") == 512 * 1024 ** 2
     for bad in ("", "x", "-1g", "4q"):
-        with pytest.raises(ValueError):
-            parse_bytes(bad)
+        with pytest.raises(ConfigError):
+            parse_size(bad, "MEMORY_LIMIT")

@@ -239,3 +239,29 @@ def main(ctx):
     except ConfigError as exc:
         click.echo(f"exploop-agent: {exc}", err=True)
         sys.exit(2)
+
+
+@main.command("osv-sync")
+@click.option("--db-dir", envvar="OSV_DB_DIR", show_envvar=True, required=True,
+              type=click.Path(file_okay=False),
+              help="Where the database lives (OSV_DB_DIR).")
+@click.option("--base-url", envvar="OSV_BASE_URL", show_default=True,
+              default="https://osv-vulnerabilities.storage.googleapis.com",
+              help="Where <Ecosystem>/all.zip archives are served (OSV_BASE_URL).")
+@click.option("--ecosystem", "ecosystems", multiple=True, default=("PyPI", "npm", "Go"),
+              show_default=True, help="Ecosystem to download (repeatable).")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="Network timeout per request, in seconds.")
+def osv_sync(db_dir, base_url, ecosystems, timeout):
+    """Download OSV advisories (per-ecosystem all.zip) into OSV_DB_DIR for SCA scans."""
+    from .osv_sync import sync
+    try:
+        results, errors = sync(base_url, Path(db_dir), list(ecosystems), timeout)
+    except OSError as exc:
+        raise click.ClickException(f"osv-sync failed: {db_dir}: {exc.strerror}") from None
+    for result in results:
+        state = "downloaded" if result.updated else "already current"
+        click.echo(f"{result.ecosystem}: {result.records} advisories, "
+                   f"{result.size / 1048576:.1f} MiB ({state})")
+    if errors:
+        raise click.ClickException("osv-sync failed: " + "; ".join(errors))

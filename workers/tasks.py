@@ -5,6 +5,7 @@ attempt of a queued job, so a redelivered or duplicate message is skipped here.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
+from exploop.config import ScannerSettings
 from exploop.routing import RUN_SCAN
 
 from .workspace import JobError, Workspace
@@ -23,9 +25,21 @@ logger = logging.getLogger("exploop.agent")
 __all__ = ["register_tasks", "SCANNERS"]
 
 #: Capability -> scanner module run in its own process.
-SCANNERS = {"secrets": "workers.scanners.secrets"}
+SCANNERS = {
+    "sast": "workers.scanners.sast",
+    "sca": "workers.scanners.sca",
+    "secrets": "workers.scanners.secrets",
+}
+#: Capabilities whose scanner reads every commit (the others get a shallow clone).
+NEEDS_HISTORY = {"secrets"}
+#: What the API keeps of a finding (FindingIn); scanners may add detail for their own use.
+_FINDING_FIELDS = ("rule_id", "severity", "confidence", "path", "start_line", "end_line", "message",
+                   "engine", "cwe", "fingerprint", "secret_hash", "preview", "commit")
+MAX_FINDINGS = 100_000  # CompleteIn's limit
+MAX_REPORT_BYTES = 15 * 1024 * 1024  # under the API's 16 MiB MAX_CONTENT_LENGTH, with room for the summary
 
 _clients: dict[int, PlatformClient] = {}
+_settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
 
 
 def _client(runtime) -> PlatformClient:
@@ -56,6 +70,8 @@ class OutcomeRequest(Request):
 
 def register_tasks(app: Celery) -> None:
     """Register the scan task on the agent's Celery app."""
+    # Read at start so a bad SCANNER_MEMORY_LIMIT or REPO_SIZE_LIMIT stops the agent at once.
+    _settings.append(ScannerSettings.from_env())
 
     @app.task(name=RUN_SCAN, bind=True, acks_late=True, Request=OutcomeRequest)
     def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
@@ -119,19 +135,46 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     return "completed"
 
 
+def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
+    """Command-line options of a capability's scanner, from the agent's settings."""
+    if capability == "sca":
+        if settings.osv_db_dir is None:
+            raise JobError("OSV database not configured on this agent: set OSV_DB_DIR and run "
+                           "`exploop-agent osv-sync` (no package was checked)")
+        return ["--osv-db", str(settings.osv_db_dir)]
+    if capability == "sast" and settings.semgrep_bin:
+        return ["--semgrep", settings.semgrep_bin]
+    return []
+
+
 def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict]:
-    module = SCANNERS.get(spec["capability"])
+    settings = _settings[-1] if _settings else ScannerSettings.from_env()
+    capability = spec["capability"]
+    module = SCANNERS.get(capability)
     if module is None:
-        raise JobError(f"capability {spec['capability']!r} has no scanner on this agent")
-    with Workspace(spec["id"], deadline) as workspace:
-        commit = workspace.checkout(spec["repo_url"], spec["ref"])
+        raise JobError(f"capability {capability!r} has no scanner on this agent")
+    args = _scanner_args(capability, settings)
+    with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
+                   size_limit=settings.repo_size_limit) as workspace:
+        commit = workspace.checkout(spec["repo_url"], spec["ref"],
+                                    history=capability in NEEDS_HISTORY)
         _progress(client, spec, 30, f"checked out {commit[:12]}")
-        result = workspace.run_scanner(module)
+        result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished")
-    for finding in result["findings"]:
+    findings = [{k: f[k] for k in _FINDING_FIELDS if f.get(k) is not None} for f in result["findings"]]
+    for finding in findings:
         finding.setdefault("commit", commit)
-    return result["findings"], {"commit": commit,
-                                "engines": [{"name": result["engine"], "version": result["version"]}]}
+    # The API stores at most MAX_FINDINGS per job in a request of at most 16 MiB: say so
+    # instead of sending a report it would refuse (the job would hang as "running").
+    if len(findings) > MAX_FINDINGS:
+        raise JobError(f"scanner {capability} reported {len(findings)} findings; a job stores at most "
+                       f"{MAX_FINDINGS}")
+    size = len(json.dumps(findings))
+    if size > MAX_REPORT_BYTES:
+        raise JobError(f"scanner {capability} findings are {size / 1048576:.1f} MiB; a job report holds "
+                       f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
+    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
+    return findings, summary
 
 
 def _simulate(client: PlatformClient, spec: dict, seconds: float) -> None:

@@ -1,11 +1,13 @@
-"""Per-job workspaces: a private directory, a shallow checkout, and scanner processes
-that run with a minimal environment in their own process group, killed whole on timeout.
+"""Per-job workspaces: a private directory, a checkout (shallow unless history is needed),
+and scanner processes that run with a minimal environment and a memory limit in their own
+process group, killed whole when the job's time runs out.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "redact_url"]
+from exploop.config import format_size
+
+__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "redact_url", "minimal_env"]
+
+# What a process that hit RLIMIT_AS says on its way out (Python, glibc, OCaml/semgrep).
+# Characters git never allows in a ref name (and whitespace/control characters).
+_BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.")
+_OUT_OF_MEMORY = re.compile(r"MemoryError|Cannot allocate memory|[Oo]ut of memory|"
+                            r"engine was killed|std::bad_alloc")
 
 
 class JobError(Exception):
@@ -35,9 +45,9 @@ def redact_url(url: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
-def minimal_env(home: str) -> dict[str, str]:
+def minimal_env(home: str, tmp: str | None = None) -> dict[str, str]:
     """Environment for git and scanners: never the agent's key or the broker URL."""
-    return {
+    env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "HOME": home,
         "LANG": "C.UTF-8",
@@ -46,39 +56,74 @@ def minimal_env(home: str) -> dict[str, str]:
         "GIT_ASKPASS": "/bin/true",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if tmp:
+        env["TMPDIR"] = tmp  # scanners' temporary files stay inside the job's directory
+    return env
 
 
-def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: str) -> str:
+def _limit_memory(limit: int):
+    """A ``preexec_fn`` that caps the child's address space (inherited by its children)."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: str,
+                memory_limit: int | None = None) -> str:
     """Run ``cmd`` in its own process group; kill the whole group at ``deadline``."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise JobTimeout(f"job timeout before {what}")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+                            errors="replace",
+                            preexec_fn=_limit_memory(memory_limit) if memory_limit else None)
     try:
         out, err = proc.communicate(timeout=remaining)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc.pid)
         proc.communicate()
-        raise JobTimeout(f"job timeout during {what}") from None
+        raise JobTimeout(f"job timeout during {what}: time limit reached after "
+                         f"{remaining:.0f}s, process group killed") from None
+    finally:
+        # Whatever happened, nothing the scanner started may outlive it.
+        _kill_group(proc.pid)
     if proc.returncode != 0:
-        last = (err or out or "").strip().splitlines()
+        text = (err or "").strip() or (out or "").strip()
+        if memory_limit and _OUT_OF_MEMORY.search(text):
+            raise JobError(f"{what} ran out of memory (SCANNER_MEMORY_LIMIT="
+                           f"{format_size(memory_limit)})")
+        if proc.returncode < 0:
+            raise JobError(f"{what} was killed by {signal.Signals(-proc.returncode).name}")
+        last = text.splitlines()
         detail = last[-1] if last else f"exit status {proc.returncode}"
         raise JobError(f"{what} failed: {detail}")
     return out
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Workspace:
     """A job's private directory, removed when the job ends whatever happened."""
 
-    def __init__(self, job_id: str, deadline: float, base_dir: str | None = None):
+    def __init__(self, job_id: str, deadline: float, base_dir: str | None = None, *,
+                 memory_limit: int | None = None, size_limit: int | None = None):
         self.job_id = job_id
         self.deadline = deadline
+        self.memory_limit = memory_limit
+        self.size_limit = size_limit
         self.root = Path(tempfile.mkdtemp(prefix=f"exploop-{job_id}-", dir=base_dir))
         self.repo = self.root / "repo"
         self.home = self.root / "home"
+        self.tmp = self.root / "tmp"
         self.home.mkdir()
-        self.env = minimal_env(str(self.home))
+        self.tmp.mkdir()
+        self.env = minimal_env(str(self.home), str(self.tmp))
 
     def __enter__(self) -> "Workspace":
         return self
@@ -90,15 +135,28 @@ class Workspace:
         return run_process(["git", "-c", "protocol.file.allow=always", *args], cwd=str(self.repo),
                            env=self.env, deadline=self.deadline, what=what)
 
-    def checkout(self, repo_url: str, ref: str) -> str:
-        """Fetch ``ref`` (branch, tag or commit) with depth 1; return the commit id."""
-        self.repo.mkdir()
+    def checkout(self, repo_url: str, ref: str, history: bool = False) -> str:
+        """Fetch ``ref`` (branch, tag or commit) and check it out; return the commit id.
+
+        With ``history`` every commit reachable from ``ref`` is fetched (secrets scans
+        read them all); otherwise only the tip (``--depth 1``).
+        """
         shown = redact_url(repo_url)
+        # Both come from the tenant: one starting with "-" would be read as an option
+        # (``--upload-pack=<command>`` runs a command), so refuse it and end options with "--".
+        if not ref or ref.startswith("-") or _BAD_REF.search(ref):
+            raise JobError(f"invalid ref {ref!r}: expected a branch, tag or commit")
+        if repo_url.startswith("-"):
+            raise JobError(f"invalid repository URL {shown!r}")
+        self.repo.mkdir()
         self.git("init", "-q", what="git init")
-        self.git("remote", "add", "origin", repo_url, what="git remote add")
+        # Check symlinks out as plain files holding their target: a tenant's link to
+        # /etc/passwd or to the agent's key file must never be followed by a scanner.
+        self.git("config", "core.symlinks", "false", what="git config")
+        self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
+        depth = [] if history else ["--depth", "1"]
         try:
-            self.git("fetch", "-q", "--depth", "1", "--no-tags", "origin", ref,
-                     what=f"clone of {shown}")
+            self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
         except JobTimeout:
             raise
         except JobError as exc:
@@ -106,18 +164,37 @@ class Workspace:
             if "couldn't find remote ref" in text or "not our ref" in text:
                 raise JobError(f"ref {ref!r} not found in {shown}") from None
             raise JobError(f"repository {shown} could not be cloned: {text.split(': ', 1)[-1]}") from None
+        if self.size_limit:
+            self._check_size(shown)
         self.git("checkout", "-q", "--detach", "FETCH_HEAD", what="git checkout")
         return self.git("rev-parse", "HEAD", what="git rev-parse").strip()
 
-    def run_scanner(self, module: str) -> dict:
-        """Run ``python -m <module> <repo>`` and return its JSON document."""
-        out = run_process([sys.executable, "-m", module, str(self.repo)], cwd=str(self.root),
+    def _check_size(self, shown: str) -> None:
+        """Refuse a repository whose history or tree is over the limit, before checkout."""
+        stats = dict(line.split(": ", 1) for line in
+                     self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
+        packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
+        tree = 0
+        for line in self.git("ls-tree", "-r", "-l", "--full-tree", "FETCH_HEAD",
+                             what="git ls-tree").splitlines():
+            fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
+            if len(fields) == 4 and fields[3].isdigit():
+                tree += int(fields[3])
+        for what, size in (("fetched objects", packed), ("checked-out tree", tree)):
+            if size > self.size_limit:
+                raise JobError(f"repository {shown} is too large: {what} {format_size(size)} exceed "
+                               f"REPO_SIZE_LIMIT ({format_size(self.size_limit)})")
+
+    def run_scanner(self, module: str, *args: str) -> dict:
+        """Run ``python -m <module> <repo> [args]`` and return its JSON document."""
+        name = module.rsplit(".", 1)[-1]
+        out = run_process([sys.executable, "-m", module, str(self.repo), *args], cwd=str(self.root),
                           env=dict(self.env, PYTHONPATH=_package_root()), deadline=self.deadline,
-                          what=f"scanner {module.rsplit('.', 1)[-1]}")
+                          what=f"scanner {name}", memory_limit=self.memory_limit)
         try:
             return json.loads(out)
         except ValueError:
-            raise JobError(f"scanner {module} printed invalid output") from None
+            raise JobError(f"scanner {name} printed invalid output") from None
 
 
 def _package_root() -> str:

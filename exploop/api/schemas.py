@@ -8,6 +8,8 @@ from ..jobs import SEVERITIES
 from ..models import JOB_STATUSES
 
 _REGION = validate.Regexp(r"^[a-z0-9][a-z0-9-]{0,62}$", error="lowercase letters, digits and '-'")
+_REF = validate.Regexp(r"^(?!-)(?!.*\.\.)[^\s~^:?*\[\\\x00-\x1f\x7f]+$",
+                       error="a branch, tag or commit: no leading '-', spaces, '..' or ~^:?*[\\")
 _NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                         error="letters, digits, '.', '_' and '-' (max 100)")
 
@@ -71,7 +73,8 @@ PRIORITIES = ("critical", "high", "normal", "low")
 class JobCreate(Strict):
     repo_url = fields.String(required=True, validate=validate.Length(min=1, max=2048))
     priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES))
-    ref = fields.String(load_default="HEAD", validate=validate.Length(min=1, max=255))
+    # Never starting with "-": the agent passes it to git, which would read it as an option.
+    ref = fields.String(load_default="HEAD", validate=[validate.Length(min=1, max=255), _REF])
     capability = fields.String(required=True, validate=validate.OneOf(
         CAPABILITIES, error=f"unknown capability; valid: {', '.join(CAPABILITIES)}"))
     region = fields.String(validate=_REGION)

@@ -5,12 +5,13 @@ existence does not leak.
 """
 from __future__ import annotations
 
-from flask import g, request
+from flask import g, jsonify, request
 from . import Blueprint
 from sqlalchemy import func, select
 
 from .. import jobs
 from ..errors import ApiError
+from ..sarif import build_sarif
 from ..extensions import db
 from ..models import Finding, Job
 from .auth import tenant_required
@@ -85,3 +86,20 @@ def list_findings(args, job_id):
     """Findings of one job of this tenant (secret values are never stored or returned)."""
     job = tenant_job(job_id)
     return paged(select(Finding).where(Finding.job_id == job.id).order_by(Finding.id), args)
+
+
+@bp.get("/jobs/<job_id>/sarif")
+@bp.response(200, description="SARIF 2.1.0 log: one run per engine, one result per finding",
+             content_type="application/sarif+json")
+@bp.alt_response(409, description="The job has not completed")
+@tenant_required
+def job_sarif(job_id):
+    """Findings of one completed job of this tenant as a SARIF 2.1.0 log."""
+    job = tenant_job(job_id)
+    if job.status != "completed":
+        raise ApiError(409, f"job {job_id} is {job.status}; SARIF is available once it has completed",
+                       {"status": job.status})
+    findings = db.session.scalars(select(Finding).where(Finding.job_id == job.id).order_by(Finding.id)).all()
+    response = jsonify(build_sarif(job, findings))
+    response.mimetype = "application/sarif+json"
+    return response
