@@ -9,8 +9,9 @@ SQLite database. The first process migrates; the others wait, then find the
 database at head and do nothing.
 
 A database created by ``db.create_all()`` before migrations existed (an older
-``exploop up`` under ``.exploop/``) has the baseline tables and no
-``alembic_version``: it is stamped as the baseline revision, then upgraded.
+``exploop up`` under ``.exploop/``) has no ``alembic_version``: when its tables and
+columns are exactly the models', it is stamped at head; otherwise the start is
+refused with the differences.
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: The first revision: the schema as ``create_all`` made it before migrations.
 BASELINE_REVISION = "0001"
-BASELINE_TABLES = frozenset({"tenants", "agents", "bootstrap_tokens", "admin_tokens", "jobs",
-                             "findings", "audit_events"})
 #: pg_advisory_lock key shared by every Exploop process ("exploop" in ASCII).
 LOCK_ID = int.from_bytes(b"exploop", "big")
 #: How long a start waits for another process's migration before giving up.
@@ -131,19 +130,35 @@ def _wait_for(try_lock, timeout: float, what: str, after_try=None) -> None:
 
 
 def _adopt_unversioned(engine: Engine) -> None:
-    """Stamp a pre-migration database (baseline tables, no version table) as the baseline."""
+    """Stamp a pre-migration database (made by create_all, no version table) at head.
+
+    Such a database was made from the models of the code that made it: when its
+    tables and columns are exactly this version's models, it is at this version's
+    head. Anything else is refused rather than guessed.
+    """
     with engine.connect() as connection:
-        tables = set(inspect(connection).get_table_names())
-    if "alembic_version" in tables or not tables & BASELINE_TABLES:
-        return
-    missing = BASELINE_TABLES - tables
-    if missing:
+        inspector = inspect(connection)
+        tables = set(inspector.get_table_names())
+        if "alembic_version" in tables or not tables & set(db.metadata.tables):
+            return
+        problems = []
+        for name, table in sorted(db.metadata.tables.items()):
+            if name not in tables:
+                problems.append(f"table {name} missing")
+                continue
+            have = {column["name"] for column in inspector.get_columns(name)}
+            want = {column.name for column in table.columns}
+            problems += [f"column {name}.{c} missing" for c in sorted(want - have)]
+            problems += [f"column {name}.{c} unknown" for c in sorted(have - want)]
+    if problems:
         raise RuntimeError(
-            "database migrations: the database has some Exploop tables but no alembic_version"
-            f" and lacks {', '.join(sorted(missing))}; restore it or start from an empty database")
-    logger.warning("database was created before migrations: stamping it as revision %s",
-                   BASELINE_REVISION)
-    command.stamp(_alembic_config(), BASELINE_REVISION)
+            "database migrations: the database has Exploop tables but no alembic_version, and"
+            f" they differ from this version's models ({'; '.join(problems[:5])}"
+            f"{'; ...' if len(problems) > 5 else ''}); start from an empty database, or stamp"
+            " the revision it is at: flask --app exploop db stamp <revision>")
+    logger.warning("database was created before migrations: stamping it at revision %s",
+                   head_revision())
+    command.stamp(_alembic_config(), "head")
 
 
 def upgrade(app: Flask, revision: str = "head", timeout: float = LOCK_TIMEOUT) -> None:

@@ -111,11 +111,34 @@ def test_migration_adopts_a_database_made_by_create_all(migration_app):
     assert schema_diff(migration_app) == []
 
 
-def test_migration_refuses_a_partial_unversioned_database(migration_app):
+def test_migration_adopts_a_create_all_database_without_named_constraints(migration_app):
+    """Databases from before the naming convention: unnamed constraints, same columns."""
+    from sqlalchemy import MetaData
+    plain = MetaData()
+    for table in db.metadata.sorted_tables:
+        copy = table.to_metadata(plain)
+        for constraint in copy.constraints:
+            if not isinstance(constraint, type(copy.primary_key)):
+                constraint.name = None
+    with migration_app.app_context():
+        plain.create_all(db.engine)
+    init_db(migration_app)
+    with migration_app.app_context():
+        assert current_revision(db.engine) == head_revision()
+
+
+def test_migration_refuses_an_unversioned_database_that_differs(migration_app):
     with migration_app.app_context():
         db.metadata.tables["tenants"].create(db.engine)
-    with pytest.raises(RuntimeError, match="no alembic_version and lacks admin_tokens, agents"):
+        db.session.execute(text("ALTER TABLE tenants ADD COLUMN plan VARCHAR(32)"))
+        db.session.commit()
+    with pytest.raises(RuntimeError) as refused:
         init_db(migration_app)
+    message = str(refused.value)
+    assert "has Exploop tables but no alembic_version, and they differ from this version's models" in message
+    assert "table admin_tokens missing" in message and "; ...)" in message
+    with migration_app.app_context():
+        assert current_revision(db.engine) is None
 
 
 def test_migration_waits_for_the_lock_then_finds_nothing_to_do(migration_app, migration_db_url, tmp_path):

@@ -4,8 +4,8 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-28
 
-The schema ``db.create_all()`` made before migrations existed (with named
-constraints); such databases are stamped at this revision (exploop.schema).
+The schema ``db.create_all()`` made before migrations existed, with named
+constraints; exploop.schema stamps such databases instead of re-creating them.
 """
 from alembic import op
 import sqlalchemy as sa
