@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from .celery_app import make_celery
 from .config import CAPABILITIES, parse_duration, server_defaults
-from .extensions import db
+from .extensions import db, migrate
 from .leases import LeaseStore
 from .routing import queue_for
 
@@ -28,6 +28,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     _configure_database(app)
 
     db.init_app(app)
+    migrate.init_app(app, db)
     client = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5,
                                   socket_connect_timeout=3, health_check_interval=30)
     app.extensions["redis"] = client
@@ -101,9 +102,12 @@ def _sqlite_pragmas(dbapi_connection, connection_record):
 
 
 def init_db(app: Flask) -> None:
-    """Create missing tables (run once before the server forks its workers)."""
+    """Migrate the database to the latest revision (run once before the server forks its workers).
+
+    Concurrent starts are safe: ``exploop.schema.upgrade`` holds a migration lock.
+    """
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    with app.app_context():
-        db.create_all()
+    from .schema import upgrade
+    upgrade(app)

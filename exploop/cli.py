@@ -54,7 +54,7 @@ def api(host, port, workers, threads, log_level):
     from .logs import setup_logging
     from .server import serve
     setup_logging(log_level.upper())
-    _app()  # create tables once, before workers fork
+    _app()  # migrate the schema once, before workers fork
     serve(host, port, workers, threads, log_level)
 
 
@@ -81,9 +81,12 @@ def controller(interval, log_level):
 
 @main.command("init-db")
 def init_db_command():
-    """Create the database tables."""
-    _app()
-    click.echo("database ready")
+    """Migrate the database to the latest schema revision (safe to run at every deploy)."""
+    from .extensions import db
+    from .schema import current_revision
+    app = _app()
+    with app.app_context():
+        click.echo(f"database ready at revision {current_revision(db.engine)}")
 
 
 @main.command("create-admin-token")
