@@ -176,3 +176,33 @@ def test_symlinks_are_not_followed_by_scanners(tmp_path):
         (osv.parent / "PyPI" / "X.json").write_text('{"id": "X", "affected": []}')
         result = sca.scan(str(ws.repo), str(osv.parent))
         assert "AKIA" not in json.dumps(result)
+
+
+def test_a_failing_check_kills_the_process_group_promptly(tmp_path, monkeypatch):
+    """A cancelled job: the check raises while the scanner runs, and the scanner dies at once."""
+    import time as _time
+
+    from workers import workspace as ws
+    monkeypatch.setattr(ws, "CHECK_INTERVAL", 0.2)
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) >= 2:
+            raise Cancelled()
+
+    marker = tmp_path / "child.pid"
+    started = _time.monotonic()
+    with pytest.raises(Cancelled):
+        ws.run_process(["sh", "-c", f"sleep 30 & echo $! > {marker}; wait"], cwd=str(tmp_path),
+                       env={"PATH": "/usr/bin:/bin"}, deadline=_time.monotonic() + 60, what="scanner",
+                       check=check)
+    assert _time.monotonic() - started < 5
+    import psutil
+    child = int(marker.read_text())
+    _time.sleep(0.2)
+    # The whole group is gone, grandchildren included (at most a zombie awaiting its reaper).
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE

@@ -154,8 +154,14 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
     if module is None:
         raise JobError(f"capability {capability!r} has no scanner on this agent")
     args = _scanner_args(capability, settings)
+    started = time.monotonic()
+
+    def still_wanted() -> None:
+        """Report progress while git or a scanner runs; raises JobCancelled if cancelled."""
+        _progress(client, spec, min(89, 30 + int(time.monotonic() - started)), "scanning")
+
     with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
-                   size_limit=settings.repo_size_limit) as workspace:
+                   size_limit=settings.repo_size_limit, check=still_wanted) as workspace:
         commit = workspace.checkout(spec["repo_url"], spec["ref"],
                                     history=capability in NEEDS_HISTORY)
         _progress(client, spec, 30, f"checked out {commit[:12]}")

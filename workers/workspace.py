@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 import time
 from pathlib import Path
 
@@ -68,9 +69,14 @@ def _limit_memory(limit: int):
     return apply
 
 
+#: How often a running process's ``check`` (is the job cancelled?) is called.
+CHECK_INTERVAL = 5.0
+
+
 def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: str,
-                memory_limit: int | None = None) -> str:
-    """Run ``cmd`` in its own process group; kill the whole group at ``deadline``."""
+                memory_limit: int | None = None, check: Callable[[], None] | None = None) -> str:
+    """Run ``cmd`` in its own process group; kill the whole group at ``deadline``, or when
+    ``check`` (called every CHECK_INTERVAL seconds) raises, e.g. because the job was cancelled."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise JobTimeout(f"job timeout before {what}")
@@ -79,12 +85,18 @@ def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: s
                             errors="replace",
                             preexec_fn=_limit_memory(memory_limit) if memory_limit else None)
     try:
-        out, err = proc.communicate(timeout=remaining)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        proc.communicate()
-        raise JobTimeout(f"job timeout during {what}: time limit reached after "
-                         f"{remaining:.0f}s, process group killed") from None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                out, err = proc.communicate(timeout=max(0.01, min(left, CHECK_INTERVAL) if check else left))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    _kill_group(proc.pid)
+                    proc.communicate()
+                    raise JobTimeout(f"job timeout during {what}: time limit reached after "
+                                     f"{remaining:.0f}s, process group killed") from None
+                check()  # raising here kills the group (finally) and ends the job
     finally:
         # Whatever happened, nothing the scanner started may outlive it.
         _kill_group(proc.pid)
@@ -112,8 +124,10 @@ class Workspace:
     """A job's private directory, removed when the job ends whatever happened."""
 
     def __init__(self, job_id: str, deadline: float, base_dir: str | None = None, *,
-                 memory_limit: int | None = None, size_limit: int | None = None):
+                 memory_limit: int | None = None, size_limit: int | None = None,
+                 check: Callable[[], None] | None = None):
         self.job_id = job_id
+        self.check = check
         self.deadline = deadline
         self.memory_limit = memory_limit
         self.size_limit = size_limit
@@ -133,7 +147,7 @@ class Workspace:
 
     def git(self, *args: str, what: str) -> str:
         return run_process(["git", "-c", "protocol.file.allow=always", *args], cwd=str(self.repo),
-                           env=self.env, deadline=self.deadline, what=what)
+                           env=self.env, deadline=self.deadline, what=what, check=self.check)
 
     def checkout(self, repo_url: str, ref: str, history: bool = False) -> str:
         """Fetch ``ref`` (branch, tag or commit) and check it out; return the commit id.
@@ -190,7 +204,7 @@ class Workspace:
         name = module.rsplit(".", 1)[-1]
         out = run_process([sys.executable, "-m", module, str(self.repo), *args], cwd=str(self.root),
                           env=dict(self.env, PYTHONPATH=_package_root()), deadline=self.deadline,
-                          what=f"scanner {name}", memory_limit=self.memory_limit)
+                          what=f"scanner {name}", memory_limit=self.memory_limit, check=self.check)
         try:
             return json.loads(out)
         except ValueError:
