@@ -1,9 +1,36 @@
 """Run the API under gunicorn (threads: agents hold connections for long-polls and leases)."""
 from __future__ import annotations
 
-from gunicorn.app.base import BaseApplication
+import json
 
-__all__ = ["serve"]
+from gunicorn import util
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
+
+__all__ = ["serve", "JsonErrorWorker", "MAX_REQUEST_LINE"]
+
+#: Longest request line (method, URI, version) gunicorn reads: its maximum. Every valid
+#: request fits (the longest query the API takes is about 5 KiB percent-encoded);
+#: longer ones get 414 from the server itself, before the app.
+MAX_REQUEST_LINE = 8190
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own error answer (bad request line, 414, 431...), as the API's JSON."""
+    body = json.dumps({"error": reason.lower(), "detail": mesg or None}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gthread worker whose server-level errors are JSON like the app's, never HTML."""
+
+    def init_process(self):
+        # gunicorn writes these errors through one module function; this process
+        # serves only the API, so it answers them all in the API's format.
+        util.write_error = _write_json_error
+        super().init_process()
 
 
 class _Gunicorn(BaseApplication):
@@ -25,7 +52,7 @@ def serve(host: str, port: int, workers: int, threads: int, log_level: str = "in
     _Gunicorn({
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": "exploop.server.JsonErrorWorker",
         "threads": threads,
         "timeout": 120,
         "graceful_timeout": 30,
@@ -33,6 +60,7 @@ def serve(host: str, port: int, workers: int, threads: int, log_level: str = "in
         "loglevel": log_level,
         "accesslog": None,
         "errorlog": "-",
+        "limit_request_line": MAX_REQUEST_LINE,
         # Several APIs may run on one host (tests, benchmarks): no shared control socket.
         "control_socket_disable": True,
         "child_exit": _child_exit,

@@ -66,6 +66,7 @@ def _agent(name: str) -> Agent:
 @bp.post("/tenants")
 @bp.arguments(TenantCreate())
 @bp.response(201, TenantCreated)
+@bp.errors(409)
 @admin_required("admin")
 def create_tenant(data):
     """Create a tenant; its API key is shown once."""
@@ -95,7 +96,7 @@ def _token_view(record: BootstrapToken, **extra) -> Extended:
 
 
 @bp.post("/tokens")
-@bp.arguments(TokenCreate())
+@bp.arguments(TokenCreate(), required=False)
 @bp.response(201, TokenCreated)
 @admin_required("admin")
 def create_token(data):
@@ -115,8 +116,9 @@ def list_tokens(args):
     return page
 
 
-@bp.post("/tokens/<int:token_id>/revoke")
+@bp.post("/tokens/<int(max=2147483647):token_id>/revoke")
 @bp.response(200, TokenOut)
+@bp.errors(404)
 @admin_required("admin")
 def revoke_token(token_id):
     """Revoke a bootstrap token: registrations with it are refused from now on."""
@@ -135,6 +137,7 @@ def revoke_token(token_id):
 @bp.post("/agents")
 @bp.arguments(AgentCreate())
 @bp.response(201, AgentCreated)
+@bp.errors(409)
 @admin_required("admin")
 def create_agent(data):
     """Create an agent record with a pre-assigned key (shown once)."""
@@ -168,6 +171,7 @@ def list_agents(args):
 
 @bp.get("/agents/<name>")
 @bp.response(200, AgentDetailOut)
+@bp.errors(404)
 @admin_required()
 def get_agent(name):
     """One agent with its lease, load, state and the jobs it ran most recently."""
@@ -207,6 +211,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
 
 @bp.post("/agents/<name>/drain")
 @bp.response(200, AgentOut)
+@bp.errors(404)
 @admin_required("admin")
 def drain_agent(name):
     """Stop the agent taking new jobs; running jobs finish."""
@@ -215,6 +220,7 @@ def drain_agent(name):
 
 @bp.post("/agents/<name>/uncordon")
 @bp.response(200, AgentOut)
+@bp.errors(404)
 @admin_required("admin")
 def uncordon_agent(name):
     """Let a drained agent take jobs again."""
@@ -223,6 +229,7 @@ def uncordon_agent(name):
 
 @bp.delete("/agents/<name>")
 @bp.response(204)
+@bp.errors(404)
 @admin_required("admin")
 def delete_agent(name):
     """Delete an agent record: its key stops working on its next request."""
@@ -270,6 +277,7 @@ def _job(job_id: str) -> Job:
 
 @bp.get("/jobs/<job_id>")
 @bp.response(200, AdminJobOut)
+@bp.errors(404)
 @admin_required()
 def get_job(job_id):
     """One job."""
@@ -278,6 +286,7 @@ def get_job(job_id):
 
 @bp.post("/jobs/<job_id>/retry")
 @bp.response(200, AdminJobOut)
+@bp.errors(404, 409)
 @admin_required("admin")
 def retry_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
@@ -393,8 +402,9 @@ def create_admin_token(data):
     return _admin_token_view(token, token=raw)
 
 
-@bp.post("/admin-tokens/<int:token_id>/revoke")
+@bp.post("/admin-tokens/<int(max=2147483647):token_id>/revoke")
 @bp.response(200, AdminTokenOut)
+@bp.errors(404)
 @admin_required("admin")
 def revoke_admin_token(token_id):
     """Revoke an admin token: it is refused from its next request on."""
