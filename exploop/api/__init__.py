@@ -17,6 +17,7 @@ from flask_smorest import Blueprint as _SmorestBlueprint
 from marshmallow import RAISE
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .schemas import ErrorOut
 
@@ -66,6 +67,10 @@ class _Parser(FlaskParser):
         if not is_json_request(req):
             return core.missing
         raw = req.get_data(cache=True)
+        limit = req.max_content_length
+        if limit is not None and req.content_length is None and len(raw) >= limit:
+            # A chunked body is cut at the limit by werkzeug, silently: refuse it whole.
+            raise RequestEntityTooLarge(f"request body over {limit} bytes")
         try:
             data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
             # PostgreSQL cannot store NUL in text; a JSON string spells it \u0000.
