@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 __all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
-           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "mask"]
+           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "mask", "redact_url"]
 
 AGENT_PREFIX = "ragent_"
 TENANT_PREFIX = "rtenant_"
@@ -38,3 +39,11 @@ def mask(value: str, keep: int = 4) -> str:
     """Masked preview of a secret: the first characters, then asterisks."""
     keep = min(keep, len(value) // 4)
     return value[:keep] + "*" * max(4, len(value) - keep)
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_url(url: str) -> str:
+    """Hide credentials in a URL (``https://user:token@host/...`` -> ``https://***@host/...``)."""
+    return _USERINFO.sub("***@", url)

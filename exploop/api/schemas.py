@@ -8,6 +8,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from ..config import CAPABILITIES, parse_duration
 from ..jobs import SEVERITIES
 from ..models import JOB_STATUSES
+from ..security import redact_url
 
 
 class FullMatch(validate.Regexp):
@@ -154,7 +155,9 @@ class JobOut(Strict):
     status = fields.String()
     capability = fields.String()
     region = fields.String()
-    repo_url = fields.String()
+    # Credentials in the URL (https://user:token@host/...) go to the agent that claims the
+    # job, never back out through the API: tenants' and admins' views show ***.
+    repo_url = fields.Function(lambda job: redact_url(job.repo_url), metadata={"type": "string"})
     ref = fields.String()
     attempt = fields.Integer()
     max_attempts = fields.Integer()
