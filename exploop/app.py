@@ -54,10 +54,21 @@ def create_app(test_config: dict | None = None) -> Flask:
     register_error_handlers(app)
     _guard_requests(app)
     _observe_requests(app)
-    if int(app.config["PROXY_COUNT"]):
+    proxies = _non_negative_int(app, "PROXY_COUNT")
+    if proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["PROXY_COUNT"]))
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
     return app
+
+
+def _non_negative_int(app: Flask, name: str, minimum: int = 0) -> int:
+    try:
+        value = int(app.config[name])
+    except (TypeError, ValueError):
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(f"EXPLOOP_{name}: expected an integer >= {minimum}, got {app.config[name]!r}")
+    return value
 
 
 _SECURITY_SCHEMES = {
@@ -70,13 +81,7 @@ _SECURITY_SCHEMES = {
 
 def _auth_throttle(app: Flask, client: redis.Redis) -> AuthThrottle:
     """The brute-force limits, validated at start (a bad value names its variable)."""
-    try:
-        limit = int(app.config["AUTH_FAILURE_LIMIT"])
-    except (TypeError, ValueError):
-        limit = 0
-    if limit < 1:
-        raise ConfigError(f"EXPLOOP_AUTH_FAILURE_LIMIT: expected a positive integer,"
-                          f" got {app.config['AUTH_FAILURE_LIMIT']!r}")
+    limit = _non_negative_int(app, "AUTH_FAILURE_LIMIT", minimum=1)
     window = parse_duration(app.config["AUTH_FAILURE_WINDOW"], "EXPLOOP_AUTH_FAILURE_WINDOW")
     block = parse_duration(app.config["AUTH_BLOCK_TIME"], "EXPLOOP_AUTH_BLOCK_TIME")
     return AuthThrottle(client, limit, max(1, int(window)), max(1, int(block)))

@@ -62,7 +62,8 @@ def test_max_poll_timeout_is_served_to_agents_and_validated(app_config, admin_to
 
 
 @pytest.mark.parametrize("name,value", [("AUTH_FAILURE_LIMIT", "0"), ("AUTH_FAILURE_LIMIT", "ten"),
-                                        ("AUTH_FAILURE_WINDOW", "soon"), ("AUTH_BLOCK_TIME", "-1s")])
+                                        ("AUTH_FAILURE_WINDOW", "soon"), ("AUTH_BLOCK_TIME", "-1s"),
+                                        ("PROXY_COUNT", "-1"), ("PROXY_COUNT", "two")])
 def test_bad_throttle_settings_stop_the_api_naming_the_variable(app_config, name, value):
     with pytest.raises(ConfigError, match=f"EXPLOOP_{name}"):
         create_app(dict(app_config, **{name: value}))
