@@ -38,6 +38,8 @@ schema.config.generation.update(max_examples=FUZZ_EXAMPLES, deterministic=True,
 
 #: Filled by the ``world`` fixture: the live API and its objects, read by the hooks.
 LIVE: dict = {}
+#: Requests sent per operation (printed at the end: ``pytest -s tests/test_fuzz.py``).
+CALLS: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,8 @@ def world(tmp_path_factory):
         )
         yield w
         assert stack.api.alive(), "the API process died during the fuzz run"
+        print(f"\nfuzz: {sum(CALLS.values())} requests over {len(CALLS)} operations"
+              f" (max {max(CALLS.values(), default=0)} for one), {FUZZ_EXAMPLES} examples per operation")
     finally:
         LIVE.clear()
         stack.stop()
@@ -134,6 +138,8 @@ _session = requests.Session()
           suppress_health_check=list(HealthCheck))
 def test_api_contract(case, world):
     _prepare(case)
+    name = f"{case.operation.method.upper()} {case.operation.path}"
+    CALLS[name] = CALLS.get(name, 0) + 1
     case.call_and_validate(base_url=world.url, headers=_headers(case), session=_session,
                            timeout=30)
 
