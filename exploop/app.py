@@ -5,15 +5,15 @@ from pathlib import Path
 
 import redis
 from flask import Flask
-from flask_smorest import Api
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from .celery_app import make_celery
-from .config import CAPABILITIES, parse_duration, server_defaults
+from .config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from .extensions import db, migrate
 from .leases import LeaseStore
 from .routing import queue_for
+from .throttle import AuthThrottle
 
 __all__ = ["create_app", "init_db"]
 
@@ -33,6 +33,8 @@ def create_app(test_config: dict | None = None) -> Flask:
                                   socket_connect_timeout=3, health_check_interval=30)
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
+    app.extensions["auth_throttle"] = _auth_throttle(app, client)
+    parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
     celery_conf = {k.lower(): v for k, v in app.config["CELERY"].items()}
     regions = [r.strip() for r in app.config["REGIONS"].split(",") if r.strip()]
@@ -43,17 +45,78 @@ def create_app(test_config: dict | None = None) -> Flask:
         visibility_timeout=2 * time_limit + 600,
         overrides=celery_conf)
 
-    from .api import admin, health, platform, tenants
+    from .api import Api, admin, health, platform, tenants
     from .api.errors import register_error_handlers
-    api = Api(app, spec_kwargs={"components": {"securitySchemes": {
-        "bearer": {"type": "http", "scheme": "bearer"}}}, "security": [{"bearer": []}]})
+    api = Api(app, spec_kwargs={"components": {"securitySchemes": _SECURITY_SCHEMES}})
     app.extensions["smorest"] = api
-    for blueprint in (platform.bp, tenants.bp, admin.bp):
+    for blueprint in (platform.bp, tenants.bp, admin.bp, health.bp):
         api.register_blueprint(blueprint)
-    app.register_blueprint(health.bp)
+    _serve_docs_assets(app)
     register_error_handlers(app)
+    _guard_requests(app)
     _observe_requests(app)
+    proxies = _non_negative_int(app, "PROXY_COUNT")
+    if proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
     return app
+
+
+def _non_negative_int(app: Flask, name: str, minimum: int = 0) -> int:
+    try:
+        value = int(app.config[name])
+    except (TypeError, ValueError):
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(f"EXPLOOP_{name}: expected an integer >= {minimum}, got {app.config[name]!r}")
+    return value
+
+
+_SECURITY_SCHEMES = {
+    "agentKey": {"type": "http", "scheme": "bearer", "description": "Agent key (ragent_...)"},
+    "tenantKey": {"type": "http", "scheme": "bearer", "description": "Tenant API key (rtenant_...)"},
+    "adminToken": {"type": "http", "scheme": "bearer",
+                   "description": "Admin token (radmin_...); x-required-role says which role"},
+}
+
+
+def _auth_throttle(app: Flask, client: redis.Redis) -> AuthThrottle:
+    """The brute-force limits, validated at start (a bad value names its variable)."""
+    limit = _non_negative_int(app, "AUTH_FAILURE_LIMIT", minimum=1)
+    window = parse_duration(app.config["AUTH_FAILURE_WINDOW"], "EXPLOOP_AUTH_FAILURE_WINDOW")
+    block = parse_duration(app.config["AUTH_BLOCK_TIME"], "EXPLOOP_AUTH_BLOCK_TIME")
+    return AuthThrottle(client, limit, max(1, int(window)), max(1, int(block)))
+
+
+def _serve_docs_assets(app: Flask) -> None:
+    """Swagger UI's files for /docs, from the swagger-ui-bundle package: no CDN needed."""
+    from flask import send_from_directory
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.add_url_rule("/docs/static/<path:filename>", endpoint="docs_static",
+                     view_func=lambda filename: send_from_directory(swagger_ui_path, filename))
+
+
+def _guard_requests(app: Flask) -> None:
+    """413 for a declared body over MAX_CONTENT_LENGTH before auth or parsing, on every route;
+    400 for a NUL character in the path or query.
+
+    Werkzeug enforces the same size limit while reading (also for chunked bodies);
+    this refuses early, including on routes that never read their body.
+    """
+    from flask import request
+    from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+    @app.before_request
+    def _check_length():
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge(f"request body over {limit} bytes")
+        # PostgreSQL cannot store or compare text with NUL: refuse it at the edge, the same
+        # on every database (JSON bodies are checked by the parser).
+        if "\x00" in request.path or any("\x00" in k or "\x00" in v
+                                         for k, v in request.args.items(multi=True)):
+            raise BadRequest("NUL characters are not allowed in the path or query")
 
 
 def _observe_requests(app: Flask) -> None:

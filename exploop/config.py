@@ -94,12 +94,32 @@ def server_defaults() -> dict:
         "LEASE_TTL_MAX": "10m",
         # Largest page a list endpoint returns.
         "MAX_PAGE_SIZE": 500,
+        # Longest long-poll an agent may hold open; GET /platform/config tells agents, which
+        # cap their POLL_TIMEOUT to it.
+        "MAX_POLL_TIMEOUT": "60s",
+        # Brute-force protection, per client address and credential kind (agent key, tenant
+        # key, admin token, bootstrap token): after AUTH_FAILURE_LIMIT failed authentications
+        # within AUTH_FAILURE_WINDOW, further failures get 429 + Retry-After until
+        # AUTH_BLOCK_TIME has passed. Valid credentials are never refused and never counted.
+        # The limit is sized for a whole NAT'd fleet whose keys are revoked at once (each
+        # such agent fails about twice, then stops; docs/api.md "Rate limiting").
+        "AUTH_FAILURE_LIMIT": 1000,
+        "AUTH_FAILURE_WINDOW": "5m",
+        "AUTH_BLOCK_TIME": "15m",
+        # Reverse proxies in front of the API whose X-Forwarded-For is trusted, so the limit
+        # above counts the real client, not the proxy (0: use the peer address).
+        "PROXY_COUNT": 0,
         "CELERY": {},
         "API_TITLE": "Exploop API",
         "API_VERSION": "v1",
         "OPENAPI_VERSION": "3.0.3",
         "OPENAPI_URL_PREFIX": "/",
         "OPENAPI_JSON_PATH": "openapi.json",
+        # Rendered reference at /docs (Swagger UI served from the swagger-ui-bundle package).
+        "OPENAPI_SWAGGER_UI_PATH": "docs",
+        "OPENAPI_SWAGGER_UI_URL": "/docs/static/",
+        # Largest request body (bytes); larger ones are refused with 413 before any work.
+        # Sized for an agent's findings report, the largest body the API takes.
         "MAX_CONTENT_LENGTH": 16 * 1024 * 1024,
     }
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 
 __all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
-           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "mask", "security_event"]
+           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "mask", "redact_url", "security_event"]
 
 logger = logging.getLogger("exploop.security")
 
@@ -49,3 +50,11 @@ def security_event(kind: str, audience: str, detail: str = "") -> None:
     from .metrics import SECURITY_EVENTS
     SECURITY_EVENTS.labels(kind, audience).inc()
     logger.warning("security event kind=%s audience=%s %s", kind, audience, detail)
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_url(url: str) -> str:
+    """Hide credentials in a URL (``https://user:token@host/...`` -> ``https://***@host/...``)."""
+    return _USERINFO.sub("***@", url)

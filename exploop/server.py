@@ -9,12 +9,38 @@ those win over the values here.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
-__all__ = ["serve", "gunicorn_options"]
+__all__ = ["serve", "gunicorn_options", "JsonErrorWorker", "MAX_REQUEST_LINE"]
+
+#: Longest request line (method, URI, version) gunicorn reads: its maximum. Every valid
+#: request fits (the longest query the API takes is about 5 KiB percent-encoded);
+#: longer ones get 414 from the server itself, before the app.
+MAX_REQUEST_LINE = 8190
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own error answer (bad request line, 414, 431...), as the API's JSON."""
+    body = json.dumps({"error": reason.lower(), "detail": mesg or None}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gthread worker whose server-level errors are JSON like the app's, never HTML."""
+
+    def init_process(self):
+        # gunicorn writes these errors through one module function; this process
+        # serves only the API, so it answers them all in the API's format.
+        util.write_error = _write_json_error
+        super().init_process()
 
 
 class _Gunicorn(BaseApplication):
@@ -42,9 +68,9 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int,
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        # One thread per in-flight request; idle kept-alive connections wait in the
-        # worker's poller and cost no thread, so thousands of agents fit in a few workers.
-        "worker_class": "gthread",
+        # gthread (one thread per in-flight request; idle kept-alive connections wait in
+        # the worker's poller and cost no thread) whose own errors are JSON like the app's.
+        "worker_class": "exploop.server.JsonErrorWorker",
         "threads": threads,
         # Open connections per worker, idle keep-alives included: one per agent
         # (a lease every 30 s keeps it open), so workers x this bounds the fleet size.
@@ -67,6 +93,7 @@ def gunicorn_options(host: str, port: int, workers: int, threads: int,
         "loglevel": log_level,
         "accesslog": None,
         "errorlog": "-",
+        "limit_request_line": MAX_REQUEST_LINE,
         # Several APIs may run on one host (tests, benchmarks): no shared control socket.
         "control_socket_disable": True,
         "child_exit": _child_exit,

@@ -70,7 +70,7 @@ def test_plan_limits_concurrency_and_queue_size(client, admin_token, app):
     moved = client.patch("/admin/v1/tenants/small", headers=auth(admin_token), json={"plan": "pro"})
     assert moved.status_code == 200 and moved.json["usage"]["queued"] == 10
     assert client.patch("/admin/v1/tenants/small", headers=auth(admin_token),
-                        json={"plan": "gold"}).status_code == 400
+                        json={"plan": "gold"}).status_code == 409
 
 
 def test_queue_positions_while_waiting(client, admin_token):

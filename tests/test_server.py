@@ -10,7 +10,7 @@ STOP_GRACE = 60       # compose stop_grace_period / Kubernetes terminationGraceP
 
 def test_settings_fit_long_polls_and_many_agents():
     options = gunicorn_options("0.0.0.0", 8080, workers=4, threads=16)
-    assert options["worker_class"] == "gthread" and options["threads"] == 16
+    assert options["worker_class"] == "exploop.server.JsonErrorWorker" and options["threads"] == 16
     assert options["keepalive"] > AGENT_HEARTBEAT  # one connection per agent, reused
     assert options["keepalive"] > 60               # outlives a load balancer's idle timeout
     assert POLL_TIMEOUT < options["graceful_timeout"] < STOP_GRACE
@@ -21,7 +21,7 @@ def test_settings_fit_long_polls_and_many_agents():
 def test_gunicorn_accepts_every_setting(monkeypatch):
     monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
     server = _Gunicorn(gunicorn_options("127.0.0.1", 8080, workers=2, threads=8))
-    assert server.cfg.worker_class_str == "gthread"
+    assert server.cfg.worker_class_str == "exploop.server.JsonErrorWorker"
     assert (server.cfg.keepalive, server.cfg.graceful_timeout, server.cfg.worker_connections) == (75, 45, 4000)
     assert server.cfg.bind == ["127.0.0.1:8080"]
 

@@ -67,6 +67,7 @@ def _agent(name: str) -> Agent:
 @bp.post("/tenants")
 @bp.arguments(TenantCreate())
 @bp.response(201, TenantCreated)
+@bp.errors(409)
 @admin_required("admin")
 def create_tenant(data):
     """Create a tenant on a plan (default: DEFAULT_PLAN); its API key is shown once."""
@@ -84,7 +85,8 @@ def create_tenant(data):
 def _known_plan(plan: str) -> str:
     plans = current_app.config["PLANS"]
     if plan not in plans:
-        raise ApiError(400, f"unknown plan {plan!r}", {"plan": [f"valid: {', '.join(plans)}"]})
+        # 409, not 400: the request is well formed; this server's configured plans differ.
+        raise ApiError(409, f"unknown plan {plan!r}", {"plan": [f"valid: {', '.join(plans)}"]})
     return plan
 
 
@@ -107,6 +109,7 @@ def _tenant_usage(tenant: Tenant) -> Extended:
 
 @bp.get("/tenants/<name>")
 @bp.response(200, TenantUsage)
+@bp.errors(404)
 @admin_required()
 def get_tenant(name):
     """One tenant with its plan's limits and its usage against them."""
@@ -116,6 +119,7 @@ def get_tenant(name):
 @bp.patch("/tenants/<name>")
 @bp.arguments(TenantUpdate())
 @bp.response(200, TenantUsage)
+@bp.errors(404, 409)
 @admin_required("admin")
 def update_tenant(data, name):
     """Move a tenant to another plan (takes effect for the next admissions)."""
@@ -143,7 +147,7 @@ def _token_view(record: BootstrapToken, **extra) -> Extended:
 
 
 @bp.post("/tokens")
-@bp.arguments(TokenCreate())
+@bp.arguments(TokenCreate(), required=False)
 @bp.response(201, TokenCreated)
 @admin_required("admin")
 def create_token(data):
@@ -165,9 +169,10 @@ def list_tokens(args):
     return page
 
 
-@bp.post("/tokens/<int:token_id>/revoke")
+@bp.post("/tokens/<int(max=2147483647):token_id>/revoke")
 @bp.arguments(TokenRevoke())
 @bp.response(200, TokenOut)
+@bp.errors(404)
 @admin_required("admin")
 def revoke_token(data, token_id):
     """Revoke a bootstrap token (recording who and why): registrations with it are refused."""
@@ -187,6 +192,7 @@ def revoke_token(data, token_id):
 @bp.post("/agents")
 @bp.arguments(AgentCreate())
 @bp.response(201, AgentCreated)
+@bp.errors(409)
 @admin_required("admin")
 def create_agent(data):
     """Create an agent record with a pre-assigned key (shown once)."""
@@ -220,6 +226,7 @@ def list_agents(args):
 
 @bp.get("/agents/<name>")
 @bp.response(200, AgentDetailOut)
+@bp.errors(404)
 @admin_required()
 def get_agent(name):
     """One agent with its lease, load, state and the jobs it ran most recently."""
@@ -259,6 +266,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
 
 @bp.post("/agents/<name>/drain")
 @bp.response(200, AgentOut)
+@bp.errors(404)
 @admin_required("admin")
 def drain_agent(name):
     """Stop the agent taking new jobs; running jobs finish."""
@@ -267,6 +275,7 @@ def drain_agent(name):
 
 @bp.post("/agents/<name>/uncordon")
 @bp.response(200, AgentOut)
+@bp.errors(404)
 @admin_required("admin")
 def uncordon_agent(name):
     """Let a drained agent take jobs again."""
@@ -275,6 +284,7 @@ def uncordon_agent(name):
 
 @bp.delete("/agents/<name>")
 @bp.response(204)
+@bp.errors(404)
 @admin_required("admin")
 def delete_agent(name):
     """Delete an agent record: its key stops working on its next request."""
@@ -322,6 +332,7 @@ def _job(job_id: str) -> Job:
 
 @bp.get("/jobs/<job_id>")
 @bp.response(200, AdminJobOut)
+@bp.errors(404)
 @admin_required()
 def get_job(job_id):
     """One job."""
@@ -330,6 +341,7 @@ def get_job(job_id):
 
 @bp.post("/jobs/<job_id>/retry")
 @bp.response(200, AdminJobOut)
+@bp.errors(404, 409)
 @admin_required("admin")
 def retry_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
@@ -341,6 +353,7 @@ def retry_job(job_id):
 
 @bp.post("/jobs/<job_id>/cancel")
 @bp.response(200, AdminJobOut)
+@bp.errors(404, 409)
 @admin_required("admin")
 def cancel_job(job_id):
     """Cancel a pending, queued or running job (a running scan is stopped on its agent)."""
@@ -456,8 +469,9 @@ def create_admin_token(data):
     return _admin_token_view(token, token=raw)
 
 
-@bp.post("/admin-tokens/<int:token_id>/revoke")
+@bp.post("/admin-tokens/<int(max=2147483647):token_id>/revoke")
 @bp.response(200, AdminTokenOut)
+@bp.errors(404)
 @admin_required("admin")
 def revoke_admin_token(token_id):
     """Revoke an admin token: it is refused from its next request on."""

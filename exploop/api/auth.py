@@ -3,13 +3,20 @@
 Each credential is a bearer token with its own prefix; the stored hash is looked
 up by index and compared in constant time. A disabled or deleted agent's key
 stops working on its next request, because every request reads the record.
+
+A failure is counted per client address and credential kind (exploop.throttle):
+past the limit it is answered 429 with Retry-After instead of 401. A valid
+credential is never refused, whatever its address has failed before.
+
+Each decorator also documents itself in /openapi.json: its security scheme, 401
+and 429 (and 403 where a role is needed).
 """
 from __future__ import annotations
 
 import functools
 import logging
 
-from flask import g, request
+from flask import current_app, g, request
 from sqlalchemy import select
 
 from ..errors import ApiError
@@ -17,10 +24,15 @@ from ..extensions import db
 from ..fleet import audit
 from ..models import AdminToken, Agent, Tenant
 from ..security import hash_token, matches, security_event
+from . import document
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["agent_required", "tenant_required", "admin_required", "bearer_token"]
+__all__ = ["agent_required", "tenant_required", "admin_required", "bearer_token",
+           "auth_failure", "documented_auth", "SCHEMES"]
+
+#: OpenAPI security scheme per credential kind (all bearer tokens, told apart by prefix).
+SCHEMES = {"agent": "agentKey", "tenant": "tenantKey", "admin": "adminToken"}
 
 
 def bearer_token() -> str | None:
@@ -44,14 +56,35 @@ def _lookup(model, token: str | None, prefix: str):
 _HASH = {Agent: "key_hash", Tenant: "key_hash", AdminToken: "token_hash"}
 
 
+def auth_failure(kind: str, error: ApiError) -> ApiError:
+    """Count a failed authentication of ``kind``; return ``error`` or, over the limit, a 429."""
+    retry_after = current_app.extensions["auth_throttle"].failed(kind, request.remote_addr or "-")
+    if retry_after is None:
+        return error
+    logger.debug("authentication failed audience=%s path=%s remote=%s throttled=%ds",
+                 kind, request.path, request.remote_addr, retry_after)
+    return ApiError(429, f"too many failed {kind} authentications from this address;"
+                         f" retry in {retry_after}s",
+                    {"audience": kind, "retry_after": retry_after},
+                    headers={"Retry-After": str(retry_after)})
+
+
 def _unauthorized(kind: str, reason: str | None = None):
     security_event("auth_failed", kind, f"path={request.path} remote={request.remote_addr}"
                    + (f" reason={reason}" if reason else ""))
-    logger.warning("authentication failed audience=%s path=%s remote=%s%s",
-                   kind, request.path, request.remote_addr, f" reason={reason}" if reason else "")
     detail = {"audience": kind, **({"reason": reason} if reason else {})}
     message = f"authentication failed: {kind} token {reason}" if reason else "authentication failed"
-    return ApiError(401, message, detail, headers={"WWW-Authenticate": 'Bearer realm="exploop"'})
+    error = auth_failure(kind, ApiError(401, message, detail,
+                                        headers={"WWW-Authenticate": 'Bearer realm="exploop"'}))
+    if error.status == 401:
+        logger.warning("authentication failed audience=%s path=%s remote=%s%s", kind, request.path,
+                       request.remote_addr, f" reason={reason}" if reason else "")
+    return error
+
+
+def documented_auth(kind: str):
+    """Document a view that checks a ``kind`` credential itself (the lease hot path)."""
+    return lambda view: document(view, 401, 429, security=SCHEMES[kind])
 
 
 def agent_required(view):
@@ -63,7 +96,7 @@ def agent_required(view):
             raise _unauthorized("agent")
         g.agent = agent
         return view(*args, **kwargs)
-    return wrapper
+    return document(wrapper, 401, 429, security=SCHEMES["agent"])
 
 
 def tenant_required(view):
@@ -75,7 +108,7 @@ def tenant_required(view):
             raise _unauthorized("tenant")
         g.tenant = tenant
         return view(*args, **kwargs)
-    return wrapper
+    return document(wrapper, 401, 429, security=SCHEMES["tenant"])
 
 
 def admin_required(role: str = "viewer"):
@@ -102,5 +135,6 @@ def admin_required(role: str = "viewer"):
                                     " this action needs 'admin'")
             g.admin = token
             return view(*args, **kwargs)
-        return wrapper
+        codes = (401, 403, 429) if role == "admin" else (401, 429)
+        return document(wrapper, *codes, security=SCHEMES["admin"], role=role)
     return decorator

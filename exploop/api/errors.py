@@ -34,7 +34,9 @@ def _handle_http_exception(exc: HTTPException):
     messages = data.get("messages") if isinstance(data, dict) else None
     if messages:
         # {"json": {"field": ["msg"]}} -> {"field": ["msg"]}: name the field, not the location.
-        detail = {k: v for loc in messages.values() for k, v in (loc.items() if isinstance(loc, dict) else [(str(loc), loc)])}
+        # A body that is not JSON at all: {"json": ["Invalid JSON body."]}, kept by location.
+        detail = {k: v for location, loc in messages.items()
+                  for k, v in (loc.items() if isinstance(loc, dict) else [(location, loc)])}
         fields = ", ".join(sorted(detail))
         message = f"invalid request: {fields}" if fields else "invalid request"
     else:

@@ -1,12 +1,14 @@
 """``/health`` (database and Redis reachable?) and ``/metrics`` (Prometheus)."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Response, current_app
 from sqlalchemy import text
 
 from ..extensions import db
+from . import Blueprint
+from .schemas import HealthOut
 
-bp = Blueprint("health", __name__)
+bp = Blueprint("health", __name__, description="Liveness and Prometheus metrics (no credential)")
 
 
 def check_dependencies() -> dict[str, str]:
@@ -27,6 +29,8 @@ def check_dependencies() -> dict[str, str]:
 
 
 @bp.get("/health")
+@bp.response(200, HealthOut)
+@bp.alt_response(503, schema=HealthOut, description="The database or Redis does not answer")
 def health():
     """200 when the database and Redis answer, 503 otherwise."""
     checks = check_dependencies()
@@ -35,6 +39,8 @@ def health():
 
 
 @bp.get("/metrics")
+@bp.doc(responses={"200": {"description": "Prometheus text exposition format", "content": {
+    "text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
     """Prometheus metrics: request latency, job histograms, queue depth, jobs, agents, capacity."""
     from prometheus_client import CONTENT_TYPE_LATEST

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from flask import current_app, g, request
-from . import Blueprint
 
 from .. import fleet, jobs
 from ..config import parse_duration
+from ..errors import ApiError
 from ..security import AGENT_PREFIX, hash_token
-from .auth import agent_required, bearer_token
+from . import Blueprint
+from .auth import agent_required, auth_failure, bearer_token, documented_auth
 from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimOut, CompleteIn, FailIn, JobStateOut,
                       LeaseIn, LeaseOut, ProgressIn, RegisterIn, RegisterOut)
 
@@ -18,9 +19,15 @@ bp = Blueprint("platform", __name__, url_prefix="/platform",
 @bp.post("/register")
 @bp.arguments(RegisterIn())
 @bp.response(201, RegisterOut)
+@bp.errors(401, 403, 409, 429)
 def register(data):
     """Exchange a bootstrap token for an agent record and its API key (shown once)."""
-    agent, key = fleet.register_agent(data)
+    try:
+        agent, key = fleet.register_agent(data)
+    except ApiError as exc:
+        if exc.status == 401:  # an unknown, spent, expired or revoked bootstrap token
+            raise auth_failure("bootstrap", exc) from None
+        raise
     return Extended(agent, api_key=key)
 
 
@@ -34,12 +41,14 @@ def agent_config():
     return {"agent": g.agent,
             "broker_url": config["AGENT_BROKER_URL"] or current_app.extensions["celery"].conf.broker_url,
             "visibility_timeout": current_app.extensions["celery"].conf.broker_transport_options["visibility_timeout"],
-            "job_time_limit": time_limit}
+            "job_time_limit": time_limit,
+            "max_poll_timeout": int(parse_duration(config["MAX_POLL_TIMEOUT"], "MAX_POLL_TIMEOUT"))}
 
 
 @bp.put("/lease")
-@bp.arguments(LeaseIn())
+@bp.arguments(LeaseIn(), required=False)
 @bp.response(200, LeaseOut)
+@documented_auth("agent")
 def renew_lease(body):
     """Renew this agent's lease; the answer carries its desired state and lease TTL."""
     token = bearer_token()
@@ -66,6 +75,7 @@ def release_lease():
 @bp.post("/jobs/<job_id>/claim")
 @bp.arguments(AttemptIn())
 @bp.response(200, ClaimOut)
+@bp.errors(403, 404, 409)
 @agent_required
 def claim(body, job_id):
     """Claim the current attempt of a queued job; 409 for a stale or duplicate delivery.
@@ -82,6 +92,7 @@ def job_token() -> str | None:
 @bp.post("/jobs/<job_id>/progress")
 @bp.arguments(ProgressIn())
 @bp.response(200, JobStateOut)
+@bp.errors(403, 404, 409)
 @agent_required
 def progress(body, job_id):
     """Report progress of a job this agent holds."""
@@ -92,6 +103,7 @@ def progress(body, job_id):
 @bp.post("/jobs/<job_id>/complete")
 @bp.arguments(CompleteIn())
 @bp.response(200, JobStateOut)
+@bp.errors(403, 404, 409)
 @agent_required
 def complete(body, job_id):
     """Store findings and complete a job this agent holds."""
@@ -101,6 +113,7 @@ def complete(body, job_id):
 @bp.post("/jobs/<job_id>/fail")
 @bp.arguments(FailIn())
 @bp.response(200, JobStateOut)
+@bp.errors(403, 404, 409)
 @agent_required
 def fail(body, job_id):
     """Fail the current attempt of a job this agent holds (``retry`` requeues it)."""

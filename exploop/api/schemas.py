@@ -1,17 +1,74 @@
 """Request and response schemas: they validate requests and generate /openapi.json."""
 from __future__ import annotations
 
-from marshmallow import EXCLUDE, Schema, fields, validate
+import re
 
-from ..config import CAPABILITIES
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from ..config import CAPABILITIES, parse_duration
 from ..jobs import SEVERITIES
 from ..models import JOB_STATUSES
+from ..security import redact_url
 
-_REGION = validate.Regexp(r"^[a-z0-9][a-z0-9-]{0,62}$", error="lowercase letters, digits and '-'")
-_REF = validate.Regexp(r"^(?!-)(?!.*\.\.)[^\s~^:?*\[\\\x00-\x1f\x7f]+$",
-                       error="a branch, tag or commit: no leading '-', spaces, '..' or ~^:?*[\\")
-_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-                        error="letters, digits, '.', '_' and '-' (max 100)")
+
+class FullMatch(validate.Regexp):
+    """A pattern the whole value must match, the way OpenAPI (ECMA-262) reads it.
+
+    Python's ``$`` also matches before a final newline, so ``re.match`` would let
+    ``"name\n"`` through a pattern the document says it fails.
+    """
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+class JsonInteger(fields.Integer):
+    """An integer in a JSON body: a JSON number without fraction, never a string or a bool.
+
+    marshmallow would take ``"5"`` and ``true``; the document says ``integer``, and a
+    client that sends a string has a bug worth telling. Bounded to the database's
+    32-bit integers unless the field says less.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("validate", validate.Range(min=INT_MIN, max=INT_MAX))
+        super().__init__(**kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not value.is_integer()):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class JsonNumber(fields.Float):
+    """A number in a JSON body, never a string or a bool."""
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class JsonBoolean(fields.Boolean):
+    """``true`` or ``false`` in a JSON body (not ``"yes"``, ``1`` or ``"on"``)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
+INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+_REGION = FullMatch(r"^[a-z0-9][a-z0-9-]{0,62}$", error="lowercase letters, digits and '-'")
+_REF = FullMatch(r"^(?!-)(?!.*\.\.)[^\s~^:?*\[\\\x00-\x1f\x7f]+$",
+                 error="a branch, tag or commit: no leading '-', spaces, '..' or ~^:?*[\\")
+_NAME = FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                  error="letters, digits, '.', '_' and '-' (max 100)")
 
 
 class UTCDateTime(fields.DateTime):
@@ -50,6 +107,20 @@ class Lenient(Schema):
         ordered = True
 
 
+class ErrorOut(Strict):
+    """Every error: a message for people and, where useful, details (fields, reasons)."""
+
+    error = fields.String(required=True, metadata={"description": "what went wrong"})
+    detail = fields.Raw(required=True, allow_none=True,
+                        metadata={"description": "field messages or a reason object, or null"})
+
+
+class HealthOut(Strict):
+    status = fields.String(required=True, validate=validate.OneOf(("ok", "degraded")))
+    database = fields.String(required=True, metadata={"description": "ok, or error: <kind>"})
+    redis = fields.String(required=True, metadata={"description": "ok, or error: <kind>"})
+
+
 class PageArgs(Strict):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     per_page = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
@@ -80,6 +151,17 @@ class JobCreate(Strict):
     region = fields.String(validate=_REGION)
 
 
+class IdempotencyArgs(Schema):
+    """Request headers of a job submission (other headers are ignored)."""
+
+    idempotency_key = fields.String(
+        data_key="Idempotency-Key",
+        validate=[validate.Length(min=1, max=255), FullMatch(r"^[\x21-\x7e]+$", error="printable ASCII")],
+        metadata={"description": "makes a retried submission return the job the first one"
+                                 " created (same tenant, same key; up to 255 printable ASCII"
+                                 " characters, e.g. a UUID)"})
+
+
 class JobOut(Strict):
     id = fields.String()
     status = fields.String()
@@ -88,7 +170,9 @@ class JobOut(Strict):
                                      metadata={"description": "1-based, while pending or queued"})
     capability = fields.String()
     region = fields.String()
-    repo_url = fields.String()
+    # Credentials in the URL (https://user:token@host/...) go to the agent that claims the
+    # job, never back out through the API: tenants' and admins' views show ***.
+    repo_url = fields.Function(lambda job: redact_url(job.repo_url), metadata={"type": "string"})
     ref = fields.String()
     attempt = fields.Integer()
     max_attempts = fields.Integer()
@@ -135,7 +219,7 @@ class RegisterIn(Lenient):
     region = fields.String(required=True, validate=_REGION)
     capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
                                required=True, validate=validate.Length(min=1))
-    max_jobs = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
+    max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
     version = fields.String(validate=validate.Length(max=40))
     host = fields.String(validate=validate.Length(max=255))
 
@@ -157,18 +241,20 @@ class AgentConfigOut(Strict):
     broker_url = fields.String()
     visibility_timeout = fields.Integer()
     job_time_limit = fields.Integer()
+    max_poll_timeout = fields.Integer(metadata={
+        "description": "longest long-poll (seconds) the server allows; agents cap POLL_TIMEOUT to it"})
 
 
 class LeaseIn(Lenient):
     status = fields.String(load_default="active", validate=validate.Length(max=32))
     running_jobs = fields.List(fields.String(validate=validate.Length(max=64)),
                                load_default=list, validate=validate.Length(max=1000))
-    jobs_running = fields.Integer(load_default=0, validate=validate.Range(min=0, max=100000))
-    max_jobs = fields.Integer(validate=validate.Range(min=1, max=1000))
+    jobs_running = JsonInteger(load_default=0, validate=validate.Range(min=0, max=100000))
+    max_jobs = JsonInteger(validate=validate.Range(min=1, max=1000))
     version = fields.String(validate=validate.Length(max=40))
     host = fields.String(validate=validate.Length(max=255))
     nodename = fields.String(validate=validate.Length(max=255))
-    heartbeat_interval = fields.Float(load_default=30.0, validate=validate.Range(min=0.1, max=3600))
+    heartbeat_interval = JsonNumber(load_default=30.0, validate=validate.Range(min=0.1, max=3600))
 
 
 class LeaseOut(Strict):
@@ -178,7 +264,7 @@ class LeaseOut(Strict):
 
 
 class AttemptIn(Lenient):
-    attempt = fields.Integer(required=True, validate=validate.Range(min=1))
+    attempt = JsonInteger(required=True, validate=validate.Range(min=1, max=INT_MAX))
 
 
 class ClaimOut(Strict):
@@ -193,7 +279,7 @@ class ClaimOut(Strict):
 
 
 class ProgressIn(AttemptIn):
-    progress = fields.Integer(required=True, validate=validate.Range(min=0, max=100))
+    progress = JsonInteger(required=True, validate=validate.Range(min=0, max=100))
     message = fields.String(validate=validate.Length(max=255))
 
 
@@ -202,8 +288,8 @@ class FindingIn(Lenient):
     severity = fields.String(required=True, validate=validate.OneOf(SEVERITIES))
     confidence = fields.String(validate=validate.Length(max=16))
     path = fields.String(required=True, validate=validate.Length(min=1, max=1024))
-    start_line = fields.Integer(allow_none=True, validate=validate.Range(min=0))
-    end_line = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    start_line = JsonInteger(allow_none=True, validate=validate.Range(min=0, max=INT_MAX))
+    end_line = JsonInteger(allow_none=True, validate=validate.Range(min=0, max=INT_MAX))
     message = fields.String(required=True, validate=validate.Length(max=10000))
     engine = fields.String(required=True, validate=validate.Length(min=1, max=64))
     cwe = fields.String(allow_none=True, validate=validate.Length(max=32))
@@ -221,7 +307,7 @@ class CompleteIn(AttemptIn):
 
 class FailIn(AttemptIn):
     error = fields.String(required=True, validate=validate.Length(min=1, max=10000))
-    retry = fields.Boolean(load_default=False)
+    retry = JsonBoolean(load_default=False)
 
 
 class JobStateOut(Strict):
@@ -232,17 +318,34 @@ class JobStateOut(Strict):
 
 # --- admin ------------------------------------------------------------------
 
-class Duration(fields.String):
-    """A lifetime or window such as ``30m``, ``24h`` or ``7d``, loaded as seconds."""
+#: Durations the API takes: a positive number below 10000 with an optional unit
+#: (``30s``, ``5m``, ``24h``, ``7d``, ``250ms``). Bounded so a window or lifetime
+#: always fits a date (``9999d`` is 27 years).
+DURATION_PATTERN = r"^(?:[1-9][0-9]{0,3}(?:\.[0-9]{1,6})?|0\.[0-9]{0,5}[1-9])(?:ms|s|m|h|d)?$"
+_DURATION = re.compile(DURATION_PATTERN)
+
+
+class DurationText(fields.String):
+    """A lifetime or window such as ``30m``, ``24h`` or ``7d``, validated, kept as text."""
+
+    def __init__(self, **kwargs):
+        metadata = {"pattern": DURATION_PATTERN, **kwargs.pop("metadata", {})}
+        super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
-        # Imported here so the module's shared header stays as it is.
-        from marshmallow import ValidationError
-
-        from ..config import parse_duration
         value = super()._deserialize(value, attr, data, **kwargs)
+        if _DURATION.fullmatch(value) is None:
+            raise ValidationError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h, 7d)")
+        return value
+
+
+class Duration(DurationText):
+    """A :class:`DurationText` loaded as seconds."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return parse_duration(value, "duration")
+            return parse_duration(text, "duration")
         except ValueError as exc:  # the message names the field already: drop the prefix
             raise ValidationError(str(exc).removeprefix("duration: ")) from None
 
@@ -277,8 +380,8 @@ class TenantPage(Page):
 
 
 class TokenCreate(Strict):
-    max_uses = fields.Integer(load_default=1, validate=validate.Range(min=1, max=100000))
-    expires = fields.String(load_default="1h", metadata={"description": "lifetime such as 30m, 1h, 7d"})
+    max_uses = JsonInteger(load_default=1, validate=validate.Range(min=1, max=100000))
+    expires = DurationText(load_default="1h", metadata={"description": "lifetime such as 30m, 1h, 7d"})
     region = fields.String(validate=_REGION, metadata={"description": "only agents of this region"})
     capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
                                validate=validate.Length(min=1),
@@ -321,7 +424,7 @@ class AgentCreate(Strict):
     region = fields.String(required=True, validate=_REGION)
     capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
                                load_default=lambda: ["sast", "sca"], validate=validate.Length(min=1))
-    max_jobs = fields.Integer(load_default=5, validate=validate.Range(min=1, max=1000))
+    max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
 
 
 class AgentOut(Strict):

@@ -5,7 +5,7 @@ existence does not leak.
 """
 from __future__ import annotations
 
-from flask import g, jsonify, request
+from flask import g, jsonify
 from . import Blueprint
 from sqlalchemy import func, select
 
@@ -15,7 +15,7 @@ from ..sarif import build_sarif
 from ..extensions import db
 from ..models import Finding, Job
 from .auth import tenant_required
-from .schemas import FindingPage, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
+from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
 
 bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
                description="Tenant API (tenant key: rtenant_...)")
@@ -38,16 +38,30 @@ def tenant_job(job_id: str) -> Job:
 
 @bp.post("/jobs")
 @bp.arguments(JobCreate())
+@bp.arguments(IdempotencyArgs(), location="headers")
 @bp.response(201, JobOut)
 @bp.alt_response(200, schema=JobOut, description="Replay of an earlier request with the same Idempotency-Key")
+@bp.errors(409, 429)
 @tenant_required
-def create_job(data):
-    """Submit a scan of a repository. Send ``Idempotency-Key`` to make retries safe."""
-    key = request.headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > 255:
-        raise ApiError(400, "Idempotency-Key is too long (max 255)")
+def create_job(data, headers):
+    """Submit a scan of a repository. Send ``Idempotency-Key`` to make retries safe.
+
+    A retry with the same key answers 200 with the job the first request created; the
+    same key with a different request is a client bug, answered 409.
+    """
+    key = headers.get("idempotency_key")
     job, created = jobs.submit(g.tenant, data, key)
+    if not created and not _same_request(job, data):
+        raise ApiError(409, f"Idempotency-Key {key!r} was used for a different request (job {job.id})",
+                       {"reason": "idempotency_key_reused", "job": job.id})
     return job, 201 if created else 200
+
+
+def _same_request(job: Job, data: dict) -> bool:
+    """Does a replayed submission ask for what the job was created with?"""
+    return (job.repo_url == data["repo_url"].strip() and job.capability == data["capability"]
+            and job.ref == (data.get("ref") or "HEAD")
+            and data.get("region") in (None, job.region))
 
 
 @bp.get("/jobs")
@@ -64,6 +78,7 @@ def list_jobs(args):
 
 @bp.get("/jobs/<job_id>")
 @bp.response(200, JobOut)
+@bp.errors(404)
 @tenant_required
 def get_job(job_id):
     """One job of this tenant."""
@@ -72,6 +87,7 @@ def get_job(job_id):
 
 @bp.post("/jobs/<job_id>/cancel")
 @bp.response(200, JobOut)
+@bp.errors(404, 409)
 @tenant_required
 def cancel_job(job_id):
     """Cancel a pending, queued or running job of this tenant (a running scan is stopped)."""
@@ -81,6 +97,7 @@ def cancel_job(job_id):
 @bp.get("/jobs/<job_id>/findings")
 @bp.arguments(PageArgs(), location="query")
 @bp.response(200, FindingPage)
+@bp.errors(404)
 @tenant_required
 def list_findings(args, job_id):
     """Findings of one job of this tenant (secret values are never stored or returned)."""
@@ -91,7 +108,7 @@ def list_findings(args, job_id):
 @bp.get("/jobs/<job_id>/sarif")
 @bp.response(200, description="SARIF 2.1.0 log: one run per engine, one result per finding",
              content_type="application/sarif+json")
-@bp.alt_response(409, description="The job has not completed")
+@bp.errors(404, 409)
 @tenant_required
 def job_sarif(job_id):
     """Findings of one completed job of this tenant as a SARIF 2.1.0 log."""
