@@ -92,6 +92,10 @@ def server_defaults() -> dict:
         # Bounds on the lease TTL an agent may ask for (3 x its heartbeat interval).
         "LEASE_TTL_MIN": "3s",
         "LEASE_TTL_MAX": "10m",
+        # Longest a POST /platform/poll is held open (an agent's POLL_TIMEOUT is capped to it).
+        "MAX_POLL_TIMEOUT": "30s",
+        # A job handed out by a poll must be claimed within this, else it goes back to its queue.
+        "POLL_CLAIM_WINDOW": "10s",
         # Largest page a list endpoint returns.
         "MAX_PAGE_SIZE": 500,
         "CELERY": {},

@@ -1,0 +1,99 @@
+"""HTTPS-only agents: ``POST /platform/poll`` handouts and the ``AGENT_TRANSPORT=http`` agent.
+
+Real API, controller, Redis and agent processes; simulated scans (a sleep) where a test
+needs to control how long a job runs.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+import pytest
+import requests
+
+from exploop.handouts import EXPIRY, HANDOUTS
+
+pytestmark = pytest.mark.e2e
+
+
+def make_agent(stack, name, capabilities=("secrets",), max_jobs=2) -> str:
+    reply = stack.admin("POST", "/admin/v1/agents", json={
+        "name": name, "region": "us-east-1", "capabilities": list(capabilities), "max_jobs": max_jobs})
+    assert reply.status_code == 201, reply.text
+    return reply.json()["api_key"]
+
+
+def agent_call(stack, key, method, path, **kw) -> requests.Response:
+    return requests.request(method, stack.url + path, headers={"Authorization": f"Bearer {key}"},
+                            timeout=60, **kw)
+
+
+def poll(stack, key, timeout=5.0) -> requests.Response:
+    return agent_call(stack, key, "POST", "/platform/poll", json={"timeout": timeout})
+
+
+def test_poll_hands_out_claim_within_window_else_refused(stack, redis_client):
+    stack.env.update(EXPLOOP_POLL_CLAIM_WINDOW="1s")
+    stack.start_api()
+    tenant = stack.tenant()
+    key = make_agent(stack, "http-a")
+
+    started = time.monotonic()
+    empty = poll(stack, key, timeout=1)
+    assert empty.status_code == 204 and 0.9 <= time.monotonic() - started < 5
+
+    job_id = stack.submit(tenant)
+    got = poll(stack, key, timeout=5)
+    assert got.status_code == 200, got.text
+    handout = got.json()
+    assert handout["job_id"] == job_id and handout["attempt"] == 1 and handout["claim_within"] == 1
+    assert redis_client.hexists(HANDOUTS, job_id) and redis_client.zscore(EXPIRY, job_id)
+    assert redis_client.llen("secrets.us-east-1") == 0
+
+    # Another agent cannot use this handout.
+    other = make_agent(stack, "http-b")
+    stolen = agent_call(stack, other, "POST", f"/platform/jobs/{job_id}/claim",
+                        json={"attempt": 1, "handout_id": handout["handout_id"]})
+    assert stolen.status_code == 409 and stolen.json()["error"] == "handout expired"
+
+    time.sleep(1.2)  # past the claim window: a late claim is refused
+    late = agent_call(stack, key, "POST", f"/platform/jobs/{job_id}/claim",
+                      json={"attempt": 1, "handout_id": handout["handout_id"]})
+    assert late.status_code == 409 and late.json()["error"] == "handout expired", late.text
+    assert stack.job(job_id)["status"] == "queued"
+
+    # With no controller running, the handout stays until restored; a new job's claim works.
+    second = stack.submit(tenant)
+    got2 = poll(stack, key).json()
+    assert got2["job_id"] == second
+    claimed = agent_call(stack, key, "POST", f"/platform/jobs/{second}/claim",
+                         json={"attempt": 1, "handout_id": got2["handout_id"]})
+    assert claimed.status_code == 200 and claimed.json()["job_token"]
+    assert not redis_client.hexists(HANDOUTS, second)
+    again = agent_call(stack, key, "POST", f"/platform/jobs/{second}/claim",
+                       json={"attempt": 1, "handout_id": got2["handout_id"]})
+    assert again.status_code == 409
+
+
+def test_poll_with_revoked_or_deleted_key_is_401(stack):
+    stack.start_api()
+    key = make_agent(stack, "gone")
+    assert poll(stack, key, timeout=0.1).status_code == 204
+    assert stack.admin("DELETE", "/admin/v1/agents/gone").status_code in (200, 204)
+    refused = poll(stack, key, timeout=0.1)
+    assert refused.status_code == 401 and refused.json()["error"].startswith("authentication failed")
+    assert poll(stack, "ragent_not-a-key", timeout=0.1).status_code == 401
+
+
+def test_drained_agent_polls_get_no_job(stack, redis_client):
+    stack.start_api()
+    tenant = stack.tenant()
+    key = make_agent(stack, "drained")
+    assert stack.admin("POST", "/admin/v1/agents/drained/drain").status_code == 200
+    job_id = stack.submit(tenant)
+    started = time.monotonic()
+    reply = poll(stack, key, timeout=1)
+    assert reply.status_code == 204 and time.monotonic() - started >= 0.9
+    assert redis_client.llen("secrets.us-east-1") == 1 and stack.job(job_id)["status"] == "queued"
