@@ -183,6 +183,8 @@ class AgentSettings:
     memory_limit: int | None = None
     memory_warn_ratio: float = 0.9
     state_dir: Path = field(default_factory=lambda: Path.home() / ".exploop")
+    # "celery": consume the broker queues; "http": long-poll POST /platform/poll (HTTPS only).
+    transport: str = "celery"
     host: str = field(default_factory=socket.gethostname)
 
     # Defaults applied when neither the environment nor the agent record says.
@@ -221,6 +223,9 @@ class AgentSettings:
         max_jobs = None
         if env.get("MAX_CONCURRENT_JOBS"):
             max_jobs = _positive_int(env, "MAX_CONCURRENT_JOBS", cls.DEFAULT_MAX_JOBS)
+        transport = (env.get("AGENT_TRANSPORT") or "celery").strip().lower()
+        if transport not in ("celery", "http"):
+            raise ConfigError(f"AGENT_TRANSPORT: expected celery or http, got {transport!r}")
         state_dir = Path(env["EXPLOOP_STATE_DIR"]) if env.get("EXPLOOP_STATE_DIR") else (
             Path(env.get("HOME") or Path.home()) / ".exploop")
         return cls(
@@ -240,6 +245,7 @@ class AgentSettings:
             memory_limit=_memory_limit(env),
             memory_warn_ratio=_ratio(env, "MEMORY_WARN_RATIO", 0.9),
             state_dir=state_dir,
+            transport=transport,
         )
 
 

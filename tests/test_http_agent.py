@@ -97,3 +97,39 @@ def test_drained_agent_polls_get_no_job(stack, redis_client):
     reply = poll(stack, key, timeout=1)
     assert reply.status_code == 204 and time.monotonic() - started >= 0.9
     assert redis_client.llen("secrets.us-east-1") == 1 and stack.job(job_id)["status"] == "queued"
+
+
+def raw_poll_then_hang_up(stack, key, timeout=5.0) -> None:
+    """Send a poll and close the socket before the answer: the response is lost."""
+    url = urlparse(stack.url)
+    body = json.dumps({"timeout": timeout}).encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=5)
+    sock.sendall(b"POST /platform/poll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(0.3)  # the server has read the request and is holding it
+    sock.close()
+
+
+def test_dropped_poll_response_job_restored_and_completes_once(stack, redis_client):
+    stack.env.update(EXPLOOP_POLL_CLAIM_WINDOW="2s")
+    stack.start_api()
+    stack.start_controller()
+    tenant = stack.tenant()
+    key = make_agent(stack, "lossy")
+    raw_poll_then_hang_up(stack, key)
+    job_id = stack.submit(tenant)
+    # The held poll takes the job and its answer goes nowhere: a handout nobody claims.
+    stack.wait_for(lambda: redis_client.hexists(HANDOUTS, job_id), 10, "handout recorded")
+    assert redis_client.llen("secrets.us-east-1") == 0
+    # After the claim window the controller puts it back, attempt unchanged...
+    stack.wait_for(lambda: redis_client.llen("secrets.us-east-1") == 1, 10, "job back on its queue")
+    assert not redis_client.hexists(HANDOUTS, job_id)
+    assert "handout expired, job back on its queue" in stack.controller.output()
+    # ...and an HTTP agent runs it, once.
+    stack.start_agent("poller", API_KEY=key, AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="0.5s",
+                      POLL_TIMEOUT="5s")
+    job = stack.wait_job(tenant, job_id, timeout=30)
+    assert job["status"] == "completed" and job["attempt"] == 1
+    assert stack.job(job_id)["agent"] == "lossy"  # the HTTP agent runs with lossy's key
+    time.sleep(1.5)
+    assert stack.job(job_id)["attempt"] == 1 and redis_client.llen("secrets.us-east-1") == 0
