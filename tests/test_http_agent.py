@@ -133,3 +133,78 @@ def test_dropped_poll_response_job_restored_and_completes_once(stack, redis_clie
     assert stack.job(job_id)["agent"] == "lossy"  # the HTTP agent runs with lossy's key
     time.sleep(1.5)
     assert stack.job(job_id)["attempt"] == 1 and redis_client.llen("secrets.us-east-1") == 0
+
+
+def running_on(stack, job_id):
+    job = stack.job(job_id)
+    return job["agent"] if job["status"] == "running" else None
+
+
+def test_http_and_celery_agents_share_one_fleet_and_queue(stack, redis_client):
+    stack.start_api()
+    stack.start_controller()
+    tenant = stack.tenant(plan="pro")
+    stack.start_agent("celery-a", EXPLOOP_SIMULATED_SCAN="1s", MAX_CONCURRENT_JOBS="1")
+    stack.start_agent("http-a", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="1s",
+                      MAX_CONCURRENT_JOBS="1", POLL_TIMEOUT="5s")
+    stack.wait_agent_online(count=2)
+    job_ids = [stack.submit(tenant) for _ in range(6)]
+    ran_on = {}
+    for job_id in job_ids:
+        job = stack.wait_job(tenant, job_id, timeout=60)
+        assert job["status"] == "completed" and job["attempt"] == 1
+        agent = stack.job(job_id)["agent"]
+        ran_on[agent] = ran_on.get(agent, 0) + 1
+    assert set(ran_on) == {"celery-a", "http-a"}, ran_on
+    assert redis_client.hlen(HANDOUTS) == 0
+    # The HTTP agent never talked to the broker: Redis saw only the API, controller and Celery agent.
+    http_log = stack.agents[1].output()
+    assert "transport=http" in http_log and "job completed" in http_log
+    assert "broker" not in http_log.lower() and "amqp" not in http_log.lower()
+
+
+def test_kill_9_http_agent_mid_job_completes_elsewhere_once(stack):
+    stack.start_api()
+    stack.start_controller()
+    tenant = stack.tenant()
+    first = stack.start_agent("http-a", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="3s",
+                              MAX_CONCURRENT_JOBS="1", POLL_TIMEOUT="5s")
+    stack.wait_agent_online("http-a")
+    job_id = stack.submit(tenant)
+    assert stack.wait_for(lambda: running_on(stack, job_id), 20, "job running") == "http-a"
+    stack.start_agent("http-b", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="3s",
+                      MAX_CONCURRENT_JOBS="1", POLL_TIMEOUT="5s")
+    stack.wait_agent_online("http-b")
+    first.kill()
+    job = stack.wait_job(tenant, job_id, timeout=3 + 10 + 3 + 5)
+    assert job["status"] == "completed" and stack.job(job_id)["agent"] == "http-b"
+    assert job["attempt"] == 2
+    assert "lease expired agent=http-a" in stack.controller.output()
+    time.sleep(1)
+    assert stack.job(job_id)["attempt"] == 2
+    assert stack.admin("GET", "/admin/v1/agents/http-a").json()["status"] == "offline"
+
+
+def test_drained_http_agent_takes_no_job_and_sigterm_finishes_running_job(stack, redis_client):
+    stack.start_api()
+    stack.start_controller()
+    tenant = stack.tenant()
+    agent = stack.start_agent("http-a", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="2s",
+                              MAX_CONCURRENT_JOBS="2", POLL_TIMEOUT="2s")
+    stack.wait_agent_online("http-a")
+    assert stack.admin("POST", "/admin/v1/agents/http-a/drain").status_code == 200
+    stack.wait_for(lambda: "draining: stopped polling" in agent.output(), 10, "drain applied")
+    waiting = stack.submit(tenant)
+    time.sleep(4)  # longer than a poll and a claim window
+    assert stack.job(waiting)["status"] == "queued"
+    assert redis_client.hlen(HANDOUTS) == 0
+
+    assert stack.admin("POST", "/admin/v1/agents/http-a/uncordon").status_code == 200
+    stack.wait_for(lambda: running_on(stack, waiting), 15, "job running after uncordon")
+    # SIGTERM mid-job: stop polling, finish the running job, release the lease, exit 0.
+    started = time.monotonic()
+    assert agent.stop(timeout=20) == 0
+    assert stack.job(waiting)["status"] == "completed"
+    assert time.monotonic() - started < 15
+    assert "warm shutdown" in agent.output()
+    assert stack.admin("GET", "/admin/v1/agents/http-a").json()["status"] == "offline"

@@ -5,8 +5,9 @@ No broker connection at all. MAX_CONCURRENT_JOBS poller threads each long-poll
 same code as the Celery task (``workers.tasks._run``: scanners, Reporter), and poll again.
 The Lease Manager, metrics and memory watch are the Celery agent's. Draining: pollers
 stop polling, running jobs finish. SIGTERM: stop polling, finish running jobs, release
-the lease, exit 0. A job a poller received but will not claim (stopping, draining) is
-simply not claimed: its handout expires and the controller puts it back on its queue.
+the lease, exit 0. A job a poller received while stopping is not claimed: its handout
+expires and the controller puts it back on its queue (same attempt). One received while
+draining is claimed: the API refuses it (409 draining) and puts it back at once.
 """
 from __future__ import annotations
 
@@ -102,11 +103,12 @@ class HttpAgent:
         job_id, attempt = handout["job_id"], handout["attempt"]
         fields = f"job_id={job_id} attempt={attempt} agent={runtime.name}"
         with self._lock:
-            if self.stopping.is_set() or not self.active.is_set():
+            if self.stopping.is_set():
                 # Not claimed: the handout expires and the controller requeues it (same attempt).
-                logger.info("not claiming %s (agent %s); it returns to its queue", fields,
-                            "stopping" if self.stopping.is_set() else "draining")
+                logger.info("not claiming %s (agent stopping); it returns to its queue", fields)
                 return
+            # Draining (a poll sent before the drain answered with a job): claim anyway; the
+            # API refuses a draining agent's claim and puts the job back on its queue at once.
             self._running[me] = job_id  # busy from the claim on: SIGTERM waits for it
         try:
             try:
