@@ -96,6 +96,8 @@ def server_defaults() -> dict:
         "MAX_POLL_TIMEOUT": "30s",
         # A job handed out by a poll must be claimed within this, else it goes back to its queue.
         "POLL_CLAIM_WINDOW": "10s",
+        # Polls one API process holds at once (one Redis connection each); more get 503.
+        "MAX_HELD_POLLS": 5000,
         # Largest page a list endpoint returns.
         "MAX_PAGE_SIZE": 500,
         "CELERY": {},

@@ -77,8 +77,11 @@ def poll_redis(app) -> redis_lib.Redis:
     if client is None:
         from .config import parse_duration
         hold = parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
+        # One connection per held poll (BRPOP blocks it): the pool must hold every poll this
+        # process may hold (redis-py's default caps a pool at 100).
         client = redis_lib.Redis.from_url(app.config["REDIS_URL"], socket_timeout=hold + 10,
-                                          socket_connect_timeout=3, health_check_interval=30)
+                                          socket_connect_timeout=3, health_check_interval=30,
+                                          max_connections=int(app.config["MAX_HELD_POLLS"]))
         app.extensions["redis_poll"] = client
     return client
 
@@ -96,7 +99,12 @@ def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) ->
     keys = [queue + suffix for suffix in _PRIORITY_SUFFIXES for queue in queues]
     deadline_left = hold
     while True:
-        reply = client.brpop(keys, timeout=max(deadline_left, 0.01))
+        try:
+            reply = client.brpop(keys, timeout=max(deadline_left, 0.01))
+        except redis_lib.exceptions.MaxConnectionsError:
+            from .errors import ApiError
+            raise ApiError(503, "too many polls held by this API process; retry",
+                           {"max_held_polls": app.config["MAX_HELD_POLLS"]}, headers={"Retry-After": "1"})
         if reply is None:
             return None
         key, raw = reply
