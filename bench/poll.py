@@ -193,6 +193,17 @@ def main() -> None:
                   + (f", all held after {held_at:.1f}s" if held_at is not None else " (not all within 60s)")
                   + f"; API processes: {rss:.0f} MiB RSS, {os_threads} OS threads")
 
+            # Other requests while the polls are held: a lease renewal must not wait for a thread.
+            probe = requests.Session()
+            probe.headers["Authorization"] = f"Bearer {keys[0]}"
+            probe_times = []
+            for _ in range(20):
+                t0 = time.monotonic()
+                probe.get(url + "/platform/config", timeout=60).raise_for_status()
+                probe_times.append(time.monotonic() - t0)
+            print(f"{'other request while polls held':40s} n={len(probe_times):4d} "
+                  f"p50={pct(probe_times, 0.5) * 1000:7.1f} ms p99={pct(probe_times, 0.99) * 1000:7.1f} ms")
+
             session = requests.Session()
             th = {"Authorization": f"Bearer {tenant}"}
             ids = {"secrets": [], "sca": []}
