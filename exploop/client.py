@@ -94,8 +94,15 @@ class PlatformClient(ApiClient):
     def release_lease(self) -> None:
         self.delete("/platform/lease", timeout=5)
 
-    def claim(self, job_id: str, attempt: int) -> dict:
-        return self.post(f"/platform/jobs/{job_id}/claim", {"attempt": attempt})
+    def claim(self, job_id: str, attempt: int, handout_id: str | None = None) -> dict:
+        body = {"attempt": attempt}
+        if handout_id:
+            body["handout_id"] = handout_id
+        return self.post(f"/platform/jobs/{job_id}/claim", body)
+
+    def poll(self, timeout: float) -> dict | None:
+        """Long-poll for a job (HTTP agents); None when none came within ``timeout``."""
+        return self.post("/platform/poll", {"timeout": timeout}, timeout=timeout + 15)
 
     # progress / complete / fail carry the scoped job token the claim returned.
 

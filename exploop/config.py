@@ -92,11 +92,14 @@ def server_defaults() -> dict:
         # Bounds on the lease TTL an agent may ask for (3 x its heartbeat interval).
         "LEASE_TTL_MIN": "3s",
         "LEASE_TTL_MAX": "10m",
-        # Largest page a list endpoint returns.
-        "MAX_PAGE_SIZE": 500,
-        # Longest long-poll an agent may hold open; GET /platform/config tells agents, which
-        # cap their POLL_TIMEOUT to it.
-        "MAX_POLL_TIMEOUT": "60s",
+        # Longest a POST /platform/poll is held open; GET /platform/config tells agents, which
+        # cap their POLL_TIMEOUT to it. Below gunicorn's graceful_timeout (45s), so a stopping
+        # API answers every held poll.
+        "MAX_POLL_TIMEOUT": "30s",
+        # A job handed out by a poll must be claimed within this, else it goes back to its queue.
+        "POLL_CLAIM_WINDOW": "10s",
+        # Polls one API process holds at once (one Redis connection each); more get 503.
+        "MAX_HELD_POLLS": 5000,
         # Brute-force protection, per client address and credential kind (agent key, tenant
         # key, admin token, bootstrap token): after AUTH_FAILURE_LIMIT failed authentications
         # within AUTH_FAILURE_WINDOW, further failures get 429 + Retry-After until
@@ -199,6 +202,8 @@ class AgentSettings:
     memory_limit: int | None = None
     memory_warn_ratio: float = 0.9
     state_dir: Path = field(default_factory=lambda: Path.home() / ".exploop")
+    # "celery": consume the broker queues; "http": long-poll POST /platform/poll (HTTPS only).
+    transport: str = "celery"
     host: str = field(default_factory=socket.gethostname)
 
     # Defaults applied when neither the environment nor the agent record says.
@@ -237,6 +242,9 @@ class AgentSettings:
         max_jobs = None
         if env.get("MAX_CONCURRENT_JOBS"):
             max_jobs = _positive_int(env, "MAX_CONCURRENT_JOBS", cls.DEFAULT_MAX_JOBS)
+        transport = (env.get("AGENT_TRANSPORT") or "celery").strip().lower()
+        if transport not in ("celery", "http"):
+            raise ConfigError(f"AGENT_TRANSPORT: expected celery or http, got {transport!r}")
         state_dir = Path(env["EXPLOOP_STATE_DIR"]) if env.get("EXPLOOP_STATE_DIR") else (
             Path(env.get("HOME") or Path.home()) / ".exploop")
         return cls(
@@ -256,6 +264,7 @@ class AgentSettings:
             memory_limit=_memory_limit(env),
             memory_warn_ratio=_ratio(env, "MEMORY_WARN_RATIO", 0.9),
             state_dir=state_dir,
+            transport=transport,
         )
 
 

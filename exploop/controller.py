@@ -18,7 +18,7 @@ from datetime import timedelta
 from flask import Flask
 from sqlalchemy import func, select
 
-from . import jobs
+from . import handouts, jobs
 from .extensions import db
 from .models import Agent, Job, Tenant, utcnow
 from .routing import queue_for
@@ -103,6 +103,7 @@ class Controller:
         with self.app.app_context():
             try:
                 return {"expired": self.expire_leases(), "timed_out": self.time_out_jobs(),
+                        "restored": self.restore_handouts(),
                         "republished": self.repair_queues(), "admitted": self.admit_fairly()}
             finally:
                 db.session.remove()
@@ -143,6 +144,15 @@ class Controller:
                 timed_out += 1
         return timed_out
 
+    def restore_handouts(self) -> int:
+        """Jobs a poll handed out but nobody claimed in time go back to their queue, same attempt."""
+        restored = handouts.restore_expired(self.redis)
+        for handout in restored:
+            logger.warning("handout expired, job back on its queue job_id=%s attempt=%s agent=%s queue=%s",
+                           _delivery(handout["raw"]) and _delivery(handout["raw"])[0], handout["attempt"],
+                           handout["agent"], handout["queue"])
+        return len(restored)
+
     def repair_queues(self) -> int:
         """Publish again every queued job whose message is not in Redis (flushed, lost, never sent)."""
         cutoff = utcnow() - REPUBLISH_AFTER
@@ -155,6 +165,7 @@ class Controller:
                 present.add(_delivery(raw))
         for raw in self.redis.hvals("unacked"):  # delivered to a worker, not yet acknowledged
             present.add(_delivery(raw))
+        present |= handouts.handed_out(self.redis)  # popped by a poll, waiting for its claim
         republished = 0
         for job in queued:
             if (job.id, job.attempt) not in present:

@@ -48,7 +48,7 @@ def world(tmp_path_factory):
     # many failures from one address would soon be answered 429 instead, which
     # test_limits.py covers. Here the limit is out of reach.
     stack = start_stack(tmp_path_factory.mktemp("fuzz"), workers=1, threads=8,
-                        EXPLOOP_AUTH_FAILURE_LIMIT="1000000")
+                        EXPLOOP_AUTH_FAILURE_LIMIT="1000000", EXPLOOP_MAX_POLL_TIMEOUT="0.2s")
     try:
         w = build_world(stack)
         # Two of the tenant's jobs running on the fuzz agent, so reports reach real code.

@@ -191,6 +191,9 @@ def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
 def run(settings: AgentSettings) -> int:
     runtime, config = build_runtime(settings)
     start_metrics(settings, runtime)
+    if settings.transport == "http":  # HTTPS only: no broker connection at all
+        from .http_agent import run_http
+        return run_http(settings, runtime)
     broker_url = settings.broker_url or config["broker_url"]
     app = make_celery(broker_url, queues=runtime.queues,
                       visibility_timeout=config["visibility_timeout"])
@@ -225,7 +228,7 @@ def run(settings: AgentSettings) -> int:
 def main(ctx):
     """Exploop platform agent. Configured by environment variables (see the runbook):
     API_URL, API_KEY or BOOTSTRAP_TOKEN, REGION, CAPABILITIES, MAX_CONCURRENT_JOBS,
-    LOG_LEVEL, HEARTBEAT_INTERVAL, POLL_TIMEOUT."""
+    LOG_LEVEL, HEARTBEAT_INTERVAL, POLL_TIMEOUT, AGENT_TRANSPORT (celery | http)."""
     if ctx.invoked_subcommand is not None:
         return
     try:

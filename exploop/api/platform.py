@@ -1,15 +1,20 @@
 """Agent endpoints (``/platform/*``): register, config, lease, and job reports."""
 from __future__ import annotations
 
+import time
+
 from flask import current_app, g, request
 
-from .. import fleet, jobs
+from .. import fleet, handouts, jobs
 from ..config import parse_duration
 from ..errors import ApiError
+from ..extensions import db
+from ..routing import queues_for
 from ..security import AGENT_PREFIX, hash_token
 from . import Blueprint
 from .auth import agent_required, auth_failure, bearer_token, documented_auth
-from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimOut, CompleteIn, FailIn, JobStateOut,
+from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimIn, ClaimOut, PollIn, PollOut, CompleteIn, FailIn,
+                      JobStateOut,
                       LeaseIn, LeaseOut, ProgressIn, RegisterIn, RegisterOut)
 
 bp = Blueprint("platform", __name__, url_prefix="/platform",
@@ -72,15 +77,58 @@ def release_lease():
     current_app.extensions["leases"].release(g.agent.name)
 
 
+@bp.post("/poll")
+@bp.arguments(PollIn(), required=False)
+@bp.response(200, PollOut)
+@bp.alt_response(204, description="no job came within the timeout")
+@bp.errors(503)
+@agent_required
+def poll(body):
+    """Long-poll for a job on this agent's ``<cap>.<region>`` queues (HTTP agents).
+
+    Held up to ``timeout`` seconds (capped by MAX_POLL_TIMEOUT). The job is handed out
+    to this agent only: claim it with ``handout_id`` within ``claim_within`` seconds, or
+    it goes back to its queue with its attempt unchanged. A draining agent gets none."""
+    config = current_app.config
+    hold = min(body["timeout"], parse_duration(config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT"))
+    window = parse_duration(config["POLL_CLAIM_WINDOW"], "EXPLOOP_POLL_CLAIM_WINDOW")
+    agent = g.agent
+    name, draining = agent.name, agent.desired_state != "active"
+    queues = queues_for(agent.capability_list, agent.region)
+    # Give the database connection back before blocking: a held poll must not pin one.
+    db.session.remove()
+    if draining:
+        time.sleep(hold)
+        return "", 204
+    handout = handouts.pop(name, queues, hold, window)
+    if handout is None:
+        return "", 204
+    current_app.logger.info("job handed out job_id=%s attempt=%s agent=%s handout_id=%s",
+                            handout["job_id"], handout["attempt"], name, handout["handout_id"])
+    return handout
+
+
 @bp.post("/jobs/<job_id>/claim")
-@bp.arguments(AttemptIn())
+@bp.arguments(ClaimIn())
 @bp.response(200, ClaimOut)
 @bp.errors(403, 404, 409)
 @agent_required
 def claim(body, job_id):
     """Claim the current attempt of a queued job; 409 for a stale or duplicate delivery.
+    With ``handout_id`` (HTTP agents), the poll's handout must still be this agent's and
+    unexpired, else 409 "handout expired": the job went back to its queue for another.
     The answer carries the scoped job token that progress, complete and fail require."""
-    job, token = jobs.claim(g.agent, job_id, body["attempt"])
+    handout = None
+    if body.get("handout_id"):
+        handout, why = handouts.take(job_id, body["handout_id"], g.agent.name)
+        if handout is None:
+            raise ApiError(409, "handout expired", {"reason": "handout expired", "handout": why})
+    try:
+        job, token = jobs.claim(g.agent, job_id, body["attempt"])
+    except ApiError as exc:
+        if handout is not None and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
+            handouts.put_back(handout)  # a draining agent's job is for another agent
+        raise
     return Extended(job, job_token=token)
 
 

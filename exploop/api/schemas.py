@@ -267,6 +267,24 @@ class AttemptIn(Lenient):
     attempt = JsonInteger(required=True, validate=validate.Range(min=1, max=INT_MAX))
 
 
+class ClaimIn(AttemptIn):
+    handout_id = fields.String(validate=validate.Length(min=1, max=64), metadata={
+        "description": "the handout id POST /platform/poll returned (HTTP agents only)"})
+
+
+class PollIn(Lenient):
+    timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0, max=3600), metadata={
+        "description": "seconds to hold the request open; capped by the server's MAX_POLL_TIMEOUT"})
+
+
+class PollOut(Strict):
+    job_id = fields.String()
+    attempt = fields.Integer()
+    handout_id = fields.String()
+    claim_within = fields.Float(metadata={"description": "seconds left to claim before the job goes back"})
+    queue = fields.String()
+
+
 class ClaimOut(Strict):
     job_token = fields.String(metadata={"description": "scoped token for progress/complete/fail"})
     id = fields.String()
