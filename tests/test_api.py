@@ -260,3 +260,12 @@ def test_unknown_routes_and_methods_answer_json(client):
 def test_paging_is_bounded(client, tenant_key):
     assert client.get("/api/v1/jobs?per_page=100000", headers=auth(tenant_key)).status_code == 400
     assert client.get("/api/v1/jobs?page=0", headers=auth(tenant_key)).status_code == 400
+
+
+def test_redis_down_is_a_503_not_a_500(app_config, tenant_key):
+    from exploop import create_app
+    app = create_app(dict(app_config, REDIS_URL="redis://127.0.0.1:1/0"))
+    client = app.test_client()
+    reply = client.put("/platform/lease", headers=auth("ragent_whoever"), json={"heartbeat_interval": 10})
+    assert reply.status_code == 503 and reply.headers["Retry-After"] == "5"
+    assert reply.json["error"] == "service unavailable: redis is unreachable"

@@ -55,8 +55,18 @@ def _handle_unexpected(exc: Exception):
     return _response(500, "internal error")
 
 
+def _handle_redis_down(exc: Exception):
+    """Redis unreachable (leases, queues): a retryable 503, not a 500 with a traceback."""
+    db.session.rollback()
+    logger.error("redis unavailable: %s", exc)
+    return _response(503, "service unavailable: redis is unreachable", None, {"Retry-After": "5"})
+
+
 def register_error_handlers(app: Flask) -> None:
     """Register the JSON handlers (after flask-smorest, replacing its own)."""
+    import redis
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
+    app.register_error_handler(redis.exceptions.ConnectionError, _handle_redis_down)
+    app.register_error_handler(redis.exceptions.TimeoutError, _handle_redis_down)
     app.register_error_handler(Exception, _handle_unexpected)
