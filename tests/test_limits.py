@@ -56,7 +56,7 @@ def test_max_poll_timeout_is_served_to_agents_and_validated(app_config, admin_to
         "name": "a1", "region": "us-east-1"}).json["api_key"]
     assert client.get("/platform/config", headers=auth(key)).json["max_poll_timeout"] == 90
     default = create_app(app_config).config["MAX_POLL_TIMEOUT"]
-    assert default == "60s"
+    assert default == "30s"
     with pytest.raises(ConfigError, match="EXPLOOP_MAX_POLL_TIMEOUT"):
         create_app(dict(app_config, MAX_POLL_TIMEOUT="forever"))
 
