@@ -109,6 +109,10 @@ def test_sigterm_finishes_the_running_job_then_exits_0(stack, redis_client):
 
 
 def test_flushall_and_api_restart_mid_run_lose_no_job(stack, redis_client):
+    # A FLUSHALL drops every lease and an API restart stops renewals: the controller then
+    # requeues running jobs as new attempts (it cannot tell an outage from a dead agent).
+    # This test is about losing nothing, so attempts are not the limit here.
+    stack.env["EXPLOOP_JOB_MAX_ATTEMPTS"] = "20"
     stack.start_api()
     stack.start_controller()
     tenant = stack.tenant()
