@@ -6,13 +6,12 @@ from pathlib import Path
 
 import requests
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, text
 
 from admin.cli import main
 from exploop.client import PlatformClient
 from exploop.procs import Child, free_port, start_redis
 
-from .conftest import PG_URL, Stack, auth
+from .conftest import Stack, auth, fresh_database_url
 
 __all__ = ["LiveStack", "start_live_stack", "cli", "heartbeat", "submit_job", "lines_of"]
 
@@ -39,14 +38,7 @@ def start_live_stack(tmp: Path, workers: int = 1) -> LiveStack:
     """Start redis-server, a fresh database and a real ``exploop api`` process."""
     port = free_port()
     redis_child = start_redis(port, tmp / "redis.log")
-    if PG_URL:
-        engine = create_engine(PG_URL)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        database_url = PG_URL
-    else:
-        database_url = f"sqlite:///{tmp / 'exploop.db'}"
+    database_url = fresh_database_url(tmp)
     stack = LiveStack(tmp, database_url, f"redis://127.0.0.1:{port}/0")
     stack.redis_child = redis_child
     try:

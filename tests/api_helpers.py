@@ -6,13 +6,12 @@ import re
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, text
 
 from exploop import create_app
 from exploop.procs import free_port, start_redis
 
 from .admin_helpers import LiveStack
-from .conftest import PG_URL, auth
+from .conftest import auth, fresh_database_url
 
 __all__ = ["start_stack", "openapi_document", "operations", "Operation", "World", "build_world",
            "auth"]
@@ -25,14 +24,7 @@ def start_stack(tmp: Path, workers: int = 1, threads: int = 8, **env: str) -> Li
     """A real ``exploop api`` process with its own redis-server and a fresh database."""
     port = free_port()
     redis_child = start_redis(port, tmp / "redis.log")
-    if PG_URL:
-        engine = create_engine(PG_URL)
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
-        database_url = PG_URL
-    else:
-        database_url = f"sqlite:///{tmp / 'exploop.db'}"
+    database_url = fresh_database_url(tmp)
     stack = LiveStack(tmp, database_url, f"redis://127.0.0.1:{port}/0", extra_env=env)
     stack.redis_child = redis_child
     try:

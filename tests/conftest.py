@@ -48,17 +48,21 @@ def redis_client(redis_url):
     client.close()
 
 
-@pytest.fixture
-def database_url(tmp_path):
-    """A fresh database: a SQLite file, or the PostgreSQL test database emptied."""
+def fresh_database_url(tmp: Path) -> str:
+    """A fresh database: a SQLite file under ``tmp``, or the PostgreSQL test database emptied."""
     if PG_URL:
+        from sqlalchemy import text
         engine = create_engine(PG_URL)
         with engine.begin() as conn:
-            from sqlalchemy import text
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         engine.dispose()
         return PG_URL
-    return f"sqlite:///{tmp_path / 'exploop.db'}"
+    return f"sqlite:///{tmp / 'exploop.db'}"
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    return fresh_database_url(tmp_path)
 
 
 @pytest.fixture
