@@ -8,6 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from .broker import Broker, KeyLayout
 from .celery_app import make_celery
 from .config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from .extensions import db, migrate
@@ -44,6 +45,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         # Longer than any job may run, so Redis never redelivers a running scan.
         visibility_timeout=2 * time_limit + 600,
         overrides=celery_conf)
+    app.extensions["broker"] = _broker(app, client)
 
     from .api import Api, admin, health, platform, tenants
     from .api.errors import register_error_handlers
@@ -174,3 +176,12 @@ def init_db(app: Flask) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     from .schema import upgrade
     upgrade(app)
+
+
+def _broker(app: Flask, client: redis.Redis) -> Broker:
+    """The broker's Redis (the same client when the broker is REDIS_URL) and kombu's key layout."""
+    conf = app.extensions["celery"].conf
+    if conf.broker_url != app.config["REDIS_URL"]:
+        client = redis.Redis.from_url(conf.broker_url, socket_timeout=5, socket_connect_timeout=3,
+                                      health_check_interval=30)
+    return Broker(client, KeyLayout.from_transport_options(conf.broker_transport_options))

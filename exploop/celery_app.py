@@ -6,7 +6,7 @@ from kombu import Queue
 
 from .routing import route_task
 
-__all__ = ["make_celery", "declare_queue", "queue_depths"]
+__all__ = ["make_celery", "declare_queue"]
 
 
 def make_celery(broker_url: str, *, queues=(), visibility_timeout: float = 7200,
@@ -42,7 +42,10 @@ def make_celery(broker_url: str, *, queues=(), visibility_timeout: float = 7200,
         worker_enable_remote_control=True,
     )
     if overrides:
-        app.conf.update(overrides)
+        overrides = dict(overrides)
+        # Merge transport options (e.g. global_keyprefix) instead of dropping visibility_timeout.
+        transport = {**app.conf.broker_transport_options, **overrides.pop("broker_transport_options", {})}
+        app.conf.update(overrides, broker_transport_options=transport)
     return app
 
 
@@ -50,19 +53,3 @@ def declare_queue(app: Celery, name: str) -> None:
     """Add a validated queue to the app's declared queues (idempotent)."""
     if name not in app.amqp.queues:
         app.amqp.queues.add(Queue(name, routing_key=name))
-
-
-# kombu's Redis transport keeps priority levels in separate lists: "<queue>\x06\x16<n>".
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-def queue_depths(redis_client, names) -> dict[str, int]:
-    """Messages waiting in each queue (one pipelined round trip)."""
-    names = sorted(names)
-    pipe = redis_client.pipeline(transaction=False)
-    for name in names:
-        for suffix in _PRIORITY_SUFFIXES:
-            pipe.llen(name + suffix)
-    replies = pipe.execute()
-    step = len(_PRIORITY_SUFFIXES)
-    return {name: sum(replies[i * step:(i + 1) * step]) for i, name in enumerate(names)}

@@ -7,8 +7,6 @@ queues), so a controller can die at any point and the next one carries on.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import socket
@@ -19,6 +17,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from . import handouts, jobs
+from .broker import decode_delivery
 from .extensions import db
 from .models import Agent, Job, Tenant, utcnow
 from .routing import queue_for
@@ -34,21 +33,6 @@ REPUBLISH_AFTER = timedelta(seconds=5)
 TIMEOUT_GRACE = timedelta(seconds=60)
 
 
-def _delivery(raw) -> tuple[str, int] | None:
-    """(job id, attempt) of a Celery message as kombu's Redis transport stores it."""
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):  # the "unacked" hash stores [message, exchange, routing_key]
-            message = message[0]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
-        return kwargs["job_id"], int(kwargs["attempt"])
-    except (ValueError, KeyError, TypeError, IndexError):
-        return None
-
-
 class Controller:
     """One controller process; ``tick()`` runs every rule once when leader."""
 
@@ -56,6 +40,7 @@ class Controller:
         self.app = app
         self.interval = interval
         self.redis = app.extensions["redis"]
+        self.broker = app.extensions["broker"]
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.is_leader = False
 
@@ -146,10 +131,10 @@ class Controller:
 
     def restore_handouts(self) -> int:
         """Jobs a poll handed out but nobody claimed in time go back to their queue, same attempt."""
-        restored = handouts.restore_expired(self.redis)
+        restored = handouts.restore_expired(self.broker.client)
         for handout in restored:
             logger.warning("handout expired, job back on its queue job_id=%s attempt=%s agent=%s queue=%s",
-                           _delivery(handout["raw"]) and _delivery(handout["raw"])[0], handout["attempt"],
+                           (decode_delivery(handout["raw"]) or ("?",))[0], handout["attempt"],
                            handout["agent"], handout["queue"])
         return len(restored)
 
@@ -159,13 +144,8 @@ class Controller:
         queued = db.session.scalars(select(Job).where(Job.status == "queued", Job.queued_at < cutoff)).all()
         if not queued:
             return 0
-        present = set()
-        for queue in {queue_for(j.capability, j.region) for j in queued}:
-            for raw in self.redis.lrange(queue, 0, -1):
-                present.add(_delivery(raw))
-        for raw in self.redis.hvals("unacked"):  # delivered to a worker, not yet acknowledged
-            present.add(_delivery(raw))
-        present |= handouts.handed_out(self.redis)  # popped by a poll, waiting for its claim
+        present = self.broker.deliveries({queue_for(j.capability, j.region) for j in queued})
+        present |= handouts.handed_out(self.broker.client)  # popped by a poll, waiting for its claim
         republished = 0
         for job in queued:
             if (job.id, job.attempt) not in present:

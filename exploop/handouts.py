@@ -17,7 +17,7 @@ import secrets
 import redis as redis_lib
 from flask import current_app
 
-from .celery_app import _PRIORITY_SUFFIXES
+from .broker import decode_delivery
 
 __all__ = ["HANDOUTS", "EXPIRY", "poll_redis", "pop", "take", "put_back", "restore_expired",
            "handed_out"]
@@ -79,24 +79,18 @@ def poll_redis(app) -> redis_lib.Redis:
         hold = parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
         # One connection per held poll (BRPOP blocks it): the pool must hold every poll this
         # process may hold (redis-py's default caps a pool at 100).
-        client = redis_lib.Redis.from_url(app.config["REDIS_URL"], socket_timeout=hold + 10,
+        client = redis_lib.Redis.from_url(app.extensions["celery"].conf.broker_url, socket_timeout=hold + 10,
                                           socket_connect_timeout=3, health_check_interval=30,
                                           max_connections=int(app.config["MAX_HELD_POLLS"]))
         app.extensions["redis_poll"] = client
     return client
 
 
-def _delivery(raw):
-    from .controller import _delivery as decode
-    return decode(raw)
-
-
 def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) -> dict | None:
     """Block up to ``hold`` seconds for a message on ``queues``; record and return a handout."""
     app = current_app._get_current_object()
     client = poll_redis(app)
-    # kombu's order: every queue's plain list first, then the priority lists.
-    keys = [queue + suffix for suffix in _PRIORITY_SUFFIXES for queue in queues]
+    keys = current_app.extensions["broker"].layout.consume_order(queues)
     deadline_left = hold
     while True:
         try:
@@ -110,7 +104,7 @@ def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) ->
         key, raw = reply
         key = key.decode() if isinstance(key, bytes) else key
         raw = raw.decode() if isinstance(raw, bytes) else raw
-        delivery = _delivery(raw)
+        delivery = decode_delivery(raw)
         if delivery is not None:
             break
         # Not a scan message (nothing else is published there): drop it, keep waiting.
@@ -127,7 +121,7 @@ def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) ->
 
 def take(job_id: str, handout_id: str, agent_name: str) -> tuple[dict | None, str]:
     """Delete the agent's unexpired handout of ``job_id``; (handout, "") or (None, why)."""
-    ok, value = current_app.extensions["redis"].eval(_TAKE, 2, HANDOUTS, EXPIRY, job_id, handout_id,
+    ok, value = current_app.extensions["broker"].client.eval(_TAKE, 2, HANDOUTS, EXPIRY, job_id, handout_id,
                                                      agent_name)
     value = value.decode() if isinstance(value, bytes) else value
     if not ok:
@@ -137,7 +131,7 @@ def take(job_id: str, handout_id: str, agent_name: str) -> tuple[dict | None, st
 
 def put_back(handout: dict) -> None:
     """Return a taken handout's message to the consuming end of its queue (claim refused)."""
-    current_app.extensions["redis"].rpush(handout["queue"], handout["raw"])
+    current_app.extensions["broker"].client.rpush(handout["queue"], handout["raw"])
 
 
 def restore_expired(client: redis_lib.Redis, limit: int = 1000) -> list[dict]:
@@ -152,7 +146,7 @@ def handed_out(client: redis_lib.Redis) -> set:
     for value in client.hvals(HANDOUTS):
         try:
             handout = json.loads(value)
-            present.add((handout.get("raw") and _delivery(handout["raw"])) or None)
+            present.add((handout.get("raw") and decode_delivery(handout["raw"])) or None)
         except ValueError:
             continue
     present.discard(None)

@@ -52,7 +52,6 @@ class FleetCollector:
     def collect(self):
         from sqlalchemy import func, select
 
-        from .celery_app import queue_depths
         from .extensions import db
         from .fleet import describe_agents
         from .models import JOB_STATUSES, Agent, Job
@@ -95,7 +94,7 @@ class FleetCollector:
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
                                       labels=["queue"])
-            for queue, n in queue_depths(self.app.extensions["redis"], queues).items():
+            for queue, n in self.app.extensions["broker"].depths(queues).items():
                 depth.add_metric([queue], n)
             yield depth
 

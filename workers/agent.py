@@ -195,8 +195,9 @@ def run(settings: AgentSettings) -> int:
         from .http_agent import run_http
         return run_http(settings, runtime)
     broker_url = settings.broker_url or config["broker_url"]
-    app = make_celery(broker_url, queues=runtime.queues,
-                      visibility_timeout=config["visibility_timeout"])
+    prefix = config.get("broker_key_prefix")
+    app = make_celery(broker_url, queues=runtime.queues, visibility_timeout=config["visibility_timeout"],
+                      overrides={"broker_transport_options": {"global_keyprefix": prefix}} if prefix else None)
     app.exploop_runtime = runtime
     app.exploop_settings = settings
     register_tasks(app)

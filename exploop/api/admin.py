@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from .. import __version__, fleet, jobs
-from ..celery_app import queue_depths
 from ..errors import ApiError
 from ..extensions import db
 from ..models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
@@ -400,7 +399,7 @@ def cluster_info():
     for capabilities, region in placements:
         queues.update(queues_for([c for c in capabilities.split(",") if c], region))
     try:
-        depths = queue_depths(current_app.extensions["redis"], queues)
+        depths = current_app.extensions["broker"].depths(queues)
     except redis.RedisError:
         depths = {name: None for name in sorted(queues)}
     since = utcnow() - timedelta(hours=24)

@@ -46,6 +46,7 @@ def agent_config():
     return {"agent": g.agent,
             "broker_url": config["AGENT_BROKER_URL"] or current_app.extensions["celery"].conf.broker_url,
             "visibility_timeout": current_app.extensions["celery"].conf.broker_transport_options["visibility_timeout"],
+            "broker_key_prefix": current_app.extensions["broker"].layout.prefix,
             "job_time_limit": time_limit,
             "max_poll_timeout": int(parse_duration(config["MAX_POLL_TIMEOUT"], "MAX_POLL_TIMEOUT"))}
 

@@ -240,6 +240,8 @@ class AgentConfigOut(Strict):
     agent = fields.Nested(AgentIdentity)
     broker_url = fields.String()
     visibility_timeout = fields.Integer()
+    broker_key_prefix = fields.String(metadata={
+        "description": "kombu's global_keyprefix on the broker; agents consume with the same one"})
     job_time_limit = fields.Integer()
     max_poll_timeout = fields.Integer(metadata={
         "description": "longest long-poll (seconds) the server allows; agents cap POLL_TIMEOUT to it"})
