@@ -6,9 +6,9 @@ what goes to stdout (results) and what to stderr (diagnostics).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import yaml
 
@@ -33,7 +33,7 @@ def _parse_time(value: str | None) -> datetime | None:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def age(value: str | None, now: datetime | None = None) -> str:

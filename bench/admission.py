@@ -18,15 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import insert, select, update  # noqa: E402
 
-from exploop import create_app  # noqa: E402
-from exploop.app import init_db  # noqa: E402
+from exploop.api.app import (
+    create_app,  # noqa: E402
+    init_db,  # noqa: E402
+)
 from exploop.config import parse_duration  # noqa: E402
-from exploop.controller import Controller  # noqa: E402
-from exploop.extensions import db  # noqa: E402
-from exploop.jobs import admission_key, submit  # noqa: E402
-from exploop.models import Job, Tenant, utcnow  # noqa: E402
-from exploop.procs import free_port, start_redis  # noqa: E402
+from exploop.core.controller import Controller  # noqa: E402
+from exploop.core.extensions import db  # noqa: E402
+from exploop.core.jobs import admission_key, submit  # noqa: E402
+from exploop.core.models import Job, Tenant, utcnow  # noqa: E402
 from exploop.routing import RUN_SCAN  # noqa: E402
+from exploop.run.children import free_port, start_redis  # noqa: E402
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exploop.procs import Child, free_port, script, start_redis, wait_http  # noqa: E402
-from exploop.throttle import FAILURE_PREFIX  # noqa: E402
+from exploop.core.throttle import FAILURE_PREFIX  # noqa: E402
+from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 
 
 def failures(client: redis.Redis) -> dict[str, int]:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from exploop.celery_app import make_celery  # noqa: E402
-from exploop.procs import Child, free_port, script, start_redis, wait_http  # noqa: E402
+from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 
 
 def _dt(value) -> datetime:

@@ -29,13 +29,12 @@ from pathlib import Path
 import requests
 from sqlalchemy import insert
 
-from exploop import create_app
-from exploop.app import init_db
-from exploop.extensions import db
-from exploop.leases import LeaseStore
-from exploop.models import AdminToken, Agent, utcnow
-from exploop.procs import Child, free_port, script, start_redis, wait_http
-from exploop.security import ADMIN_PREFIX, hash_token, new_token
+from exploop.api.app import create_app, init_db
+from exploop.core.extensions import db
+from exploop.core.leases import LeaseStore
+from exploop.core.models import AdminToken, Agent, utcnow
+from exploop.core.security import ADMIN_PREFIX, hash_token, new_token
+from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
 REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "ap-south-1")
 
@@ -174,7 +173,7 @@ def main() -> int:
             session.headers["Authorization"] = f"Bearer {token}"
             measure_page(session, url, {"per_page": args.per_page}, 3)  # warm both workers
 
-            print(f"\nGET /admin/v1/agents  (server time = Server-Timing; client = round trip)")
+            print("\nGET /admin/v1/agents  (server time = Server-Timing; client = round trip)")
             for label, params in ((f"first page, per_page={args.per_page}", {"per_page": args.per_page}),
                                   (f"last page, per_page={args.per_page}",
                                    {"per_page": args.per_page,

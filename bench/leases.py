@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exploop.procs import Child, free_port, script, start_redis, wait_http  # noqa: E402
+from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 
 BODY = {"status": "active", "running_jobs": [], "jobs_running": 0, "max_jobs": 5,
         "version": "bench", "host": "bench", "heartbeat_interval": 30}
@@ -114,9 +114,9 @@ def main() -> None:
                     requests.put(f"http://127.0.0.1:{bare_port}/platform/lease", json=BODY,
                                  headers={"Authorization": "Bearer ragent_x"}, timeout=2)
                     break
-                except requests.RequestException:
+                except requests.RequestException as exc:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(bare.output())
+                        raise RuntimeError(bare.output()) from exc
                     time.sleep(0.1)
             load(bare_port, keys, 1)
             baseline = load(bare_port, keys, args.seconds)

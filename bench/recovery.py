@@ -20,7 +20,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exploop.config import parse_duration  # noqa: E402
-from exploop.procs import Child, free_port, script, start_redis, wait_http  # noqa: E402
+from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 
 
 def main() -> None:

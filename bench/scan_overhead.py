@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from exploop.config import ScannerSettings  # noqa: E402
-from exploop.procs import Child, free_port, script, start_redis, wait_http  # noqa: E402
+from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 from workers.tasks import NEEDS_HISTORY, SCANNERS, _scanner_args  # noqa: E402
 from workers.workspace import minimal_env, run_process  # noqa: E402
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 __all__ = [
     "ConfigError", "parse_duration", "format_duration", "server_defaults",
@@ -211,7 +211,7 @@ class AgentSettings:
     DEFAULT_MAX_JOBS = 5
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AgentSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AgentSettings:
         """Read and validate the environment; raise ConfigError naming the variable."""
         env = os.environ if environ is None else environ
         api_url = (env.get("API_URL") or "").strip().rstrip("/")
@@ -309,7 +309,7 @@ class ScannerSettings:
     semgrep_bin: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ScannerSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ScannerSettings:
         """Read OSV_DB_DIR, SCANNER_MEMORY_LIMIT, REPO_SIZE_LIMIT, SEMGREP_BIN."""
         env = os.environ if environ is None else environ
         osv = (env.get("OSV_DB_DIR") or "").strip()

@@ -2,8 +2,8 @@
 
 API metrics: counters and histograms in the default registry (multiprocess-safe
 under gunicorn when PROMETHEUS_MULTIPROC_DIR is set, as ``exploop api`` does),
-plus gauges computed at scrape time from the database and Redis (queue depth,
-jobs by status, agents by status and region, capacity).
+(the gauges computed at scrape time from the database and Redis are served by
+``exploop.api.collector``).
 
 Agent metrics: ``AgentMetrics`` builds them in the agent's own registry, all in
 the worker's main process: job outcomes come back from the prefork children
@@ -11,15 +11,12 @@ with each task's result, so no count is lost in a child.
 """
 from __future__ import annotations
 
-import os
 import time
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest, multiprocess)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["REQUEST_LATENCY", "JOB_DURATION", "QUEUE_WAIT", "STALE_CLAIMS", "JOBS_FINISHED", "SECURITY_EVENTS",
-           "render_api_metrics", "AgentMetrics", "FleetCollector"]
+           "AgentMetrics"]
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -41,75 +38,6 @@ SECURITY_EVENTS = Counter(
     ["kind", "audience"])
 JOBS_FINISHED = Counter(
     "exploop_jobs_finished_total", "Jobs that reached a final state.", ["capability", "region", "status"])
-
-
-class FleetCollector:
-    """Scrape-time gauges from the database and Redis (the source of truth, not counters)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def collect(self):
-        from sqlalchemy import func, select
-
-        from .extensions import db
-        from .fleet import describe_agents
-        from .models import JOB_STATUSES, Agent, Job
-        from .routing import queues_for
-
-        with self.app.app_context():
-            jobs = GaugeMetricFamily("exploop_jobs", "Jobs by status.", labels=["status"])
-            counts = dict(db.session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            for status in JOB_STATUSES:
-                jobs.add_metric([status], counts.get(status, 0))
-            yield jobs
-
-            views = describe_agents(db.session.scalars(select(Agent)).all())
-            agents = GaugeMetricFamily("exploop_agents", "Agents by status and region.",
-                                       labels=["status", "region"])
-            running = GaugeMetricFamily("exploop_capacity_jobs_running", "Jobs running, by region.",
-                                        labels=["region"])
-            capacity = GaugeMetricFamily("exploop_capacity_jobs_max",
-                                         "Job slots of online agents, by region.", labels=["region"])
-            by_key: dict[tuple, int] = {}
-            slots: dict[str, list[int]] = {}
-            queues = set(self.app.extensions["celery"].amqp.queues.keys())
-            for view in views:
-                by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
-                used, total = slots.setdefault(view["region"], [0, 0])
-                if view["status"] in ("online", "draining"):
-                    slots[view["region"]][0] += view["jobs_running"]
-                if view["status"] == "online":
-                    slots[view["region"]][1] += view["max_jobs"]
-                queues.update(queues_for(view["capabilities"], view["region"]))
-            for (status, region), n in sorted(by_key.items()):
-                agents.add_metric([status, region], n)
-            for region, (used, total) in sorted(slots.items()):
-                running.add_metric([region], used)
-                capacity.add_metric([region], total)
-            yield agents
-            yield running
-            yield capacity
-            db.session.remove()
-
-            depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
-                                      labels=["queue"])
-            for queue, n in self.app.extensions["broker"].depths(queues).items():
-                depth.add_metric([queue], n)
-            yield depth
-
-
-def render_api_metrics(app) -> bytes:
-    """The API's /metrics body: process metrics (all gunicorn workers) + fleet gauges."""
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.MultiProcessCollector(registry)
-        body = generate_latest(registry)
-    else:
-        body = generate_latest(REGISTRY)
-    fleet = CollectorRegistry()
-    fleet.register(FleetCollector(app))
-    return body + generate_latest(fleet)
 
 
 class _ProcessTreeCPU:

@@ -8,7 +8,7 @@ import signal
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from .lease import LeaseManager
+from .lease_manager import LeaseManager
 from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")

@@ -20,7 +20,7 @@ from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import AgentSettings, ScannerSettings
 
 from . import tasks
-from .lease import LeaseManager
+from .lease_manager import LeaseManager
 from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")

@@ -122,12 +122,13 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             logger.warning("job timeout, will retry %s: %s", fields, exc)
         else:
             logger.error("job failed %s: %s", fields, exc)
-        _report(lambda: client.fail(job_id, attempt, token, str(exc), retry=exc.retry), fields)
+        message, retry = str(exc), exc.retry  # bound now: the name `exc` ends with the except block
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
-        _report(lambda: client.fail(job_id, attempt, token, f"agent error: {exc.__class__.__name__}: {exc}",
-                                    retry=True), fields)
+        message = f"agent error: {exc.__class__.__name__}: {exc}"
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
     _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields)

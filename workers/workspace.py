@@ -13,8 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Callable
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from exploop.config import format_size
@@ -139,7 +139,7 @@ class Workspace:
         self.tmp.mkdir()
         self.env = minimal_env(str(self.home), str(self.tmp))
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,21 +14,46 @@ from flask import current_app, g
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-from .. import __version__, fleet, jobs
-from ..errors import ApiError
-from ..extensions import db
-from ..models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
+from .. import __version__
+from ..core import fleet, jobs
+from ..core.exceptions import ApiError
+from ..core.extensions import db
+from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
+from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queues_for
-from ..security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
-from .schemas import (AdminJobListArgs, AdminTokenCreate, AdminTokenCreated, AdminTokenOut,
-                      AdminTokenPage, AgentCreate, AgentCreated, AgentDetailOut, AgentListArgs,
-                      AgentOut, AgentPage, AuditListArgs, AuditPage, AdminJobOut, AdminJobPage,
-                      ClusterInfoOut, Extended, PageArgs, TenantCreate, TenantCreated, TenantPage,
-                      TenantUpdate, TenantUsage, TokenCreate, TokenCreated, TokenOut, TokenPage,
-                      TokenRevoke)
+from .schemas import (
+    AdminJobListArgs,
+    AdminJobOut,
+    AdminJobPage,
+    AdminTokenCreate,
+    AdminTokenCreated,
+    AdminTokenOut,
+    AdminTokenPage,
+    AgentCreate,
+    AgentCreated,
+    AgentDetailOut,
+    AgentListArgs,
+    AgentOut,
+    AgentPage,
+    AuditListArgs,
+    AuditPage,
+    ClusterInfoOut,
+    Extended,
+    PageArgs,
+    TenantCreate,
+    TenantCreated,
+    TenantPage,
+    TenantUpdate,
+    TenantUsage,
+    TokenCreate,
+    TokenCreated,
+    TokenOut,
+    TokenPage,
+    TokenRevoke,
+)
 from .tenants import paged
 
 logger = logging.getLogger(__name__)

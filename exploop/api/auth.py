@@ -4,7 +4,7 @@ Each credential is a bearer token with its own prefix; the stored hash is looked
 up by index and compared in constant time. A disabled or deleted agent's key
 stops working on its next request, because every request reads the record.
 
-A failure is counted per client address and credential kind (exploop.throttle):
+A failure is counted per client address and credential kind (exploop.core.throttle):
 past the limit it is answered 429 with Retry-After instead of 401. A valid
 credential is never refused, whatever its address has failed before.
 
@@ -19,11 +19,11 @@ import logging
 from flask import current_app, g, request
 from sqlalchemy import select
 
-from ..errors import ApiError
-from ..extensions import db
-from ..fleet import audit
-from ..models import AdminToken, Agent, Tenant
-from ..security import hash_token, matches, security_event
+from ..core.exceptions import ApiError
+from ..core.extensions import db
+from ..core.fleet import audit
+from ..core.models import AdminToken, Agent, Tenant
+from ..core.security import hash_token, matches, security_event
 from . import document
 
 logger = logging.getLogger(__name__)

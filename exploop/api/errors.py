@@ -6,8 +6,8 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import ApiError
-from ..extensions import db
+from ..core.exceptions import ApiError
+from ..core.extensions import db
 
 logger = logging.getLogger(__name__)
 

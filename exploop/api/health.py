@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Response, current_app
 from sqlalchemy import text
 
-from ..extensions import db
+from ..core.extensions import db
 from . import Blueprint
 from .schemas import HealthOut
 
@@ -45,5 +45,5 @@ def metrics():
     """Prometheus metrics: request latency, job histograms, queue depth, jobs, agents, capacity."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    from ..metrics import render_api_metrics
+    from .collector import render_api_metrics
     return Response(render_api_metrics(current_app._get_current_object()), mimetype=CONTENT_TYPE_LATEST)

@@ -5,17 +5,30 @@ import time
 
 from flask import current_app, g, request
 
-from .. import fleet, handouts, jobs
 from ..config import parse_duration
-from ..errors import ApiError
-from ..extensions import db
+from ..core import fleet, handouts, jobs
+from ..core.exceptions import ApiError
+from ..core.extensions import db
+from ..core.security import AGENT_PREFIX, hash_token
 from ..routing import queues_for
-from ..security import AGENT_PREFIX, hash_token
 from . import Blueprint
 from .auth import agent_required, auth_failure, bearer_token, documented_auth
-from .schemas import (AgentConfigOut, Extended, AttemptIn, ClaimIn, ClaimOut, PollIn, PollOut, CompleteIn, FailIn,
-                      JobStateOut,
-                      LeaseIn, LeaseOut, ProgressIn, RegisterIn, RegisterOut)
+from .schemas import (
+    AgentConfigOut,
+    ClaimIn,
+    ClaimOut,
+    CompleteIn,
+    Extended,
+    FailIn,
+    JobStateOut,
+    LeaseIn,
+    LeaseOut,
+    PollIn,
+    PollOut,
+    ProgressIn,
+    RegisterIn,
+    RegisterOut,
+)
 
 bp = Blueprint("platform", __name__, url_prefix="/platform",
                description="Endpoints platform agents call (agent key: ragent_...)")

@@ -6,9 +6,9 @@ import re
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..config import CAPABILITIES, parse_duration
-from ..jobs import SEVERITIES
-from ..models import JOB_STATUSES
-from ..security import redact_url
+from ..core.jobs import SEVERITIES
+from ..core.models import JOB_STATUSES
+from ..core.security import redact_url
 
 
 class FullMatch(validate.Regexp):
@@ -90,7 +90,7 @@ class Extended:
 
 
 def _queue_position(job):
-    from ..jobs import queue_position
+    from ..core.jobs import queue_position
     return queue_position(job)
 
 

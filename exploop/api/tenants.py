@@ -6,14 +6,14 @@ existence does not leak.
 from __future__ import annotations
 
 from flask import g, jsonify
-from . import Blueprint
 from sqlalchemy import func, select
 
-from .. import jobs
-from ..errors import ApiError
-from ..sarif import build_sarif
-from ..extensions import db
-from ..models import Finding, Job
+from ..core import jobs
+from ..core.exceptions import ApiError
+from ..core.extensions import db
+from ..core.models import Finding, Job
+from ..core.sarif import build_sarif
+from . import Blueprint
 from .auth import tenant_required
 from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
 

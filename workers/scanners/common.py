@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["ScanError", "make_finding", "fingerprint", "code_basis", "number_duplicates",
            "tracked_files", "detect_languages", "run_main", "LANGUAGES", "SEVERITIES"]

@@ -18,6 +18,7 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 __all__ = ["OsvDatabase", "OsvError", "Advisory", "is_affected", "normalize_name",
@@ -139,7 +140,7 @@ class Advisory:
     modified: str = ""
 
     @classmethod
-    def from_record(cls, record: dict) -> "Advisory":
+    def from_record(cls, record: dict) -> Advisory:
         details = (record.get("details") or "").strip()
         summary = " ".join((record.get("summary") or details.split("\n\n", 1)[0]).split())
         if len(summary) > 300:
@@ -253,5 +254,5 @@ def _unescape(raw: bytes) -> str:
 
 
 def _iso(timestamp: float) -> str:
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    from datetime import datetime
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -15,8 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import (ScanError, code_basis, detect_languages, make_finding, number_duplicates,
-                     run_main, tracked_files)
+from .common import ScanError, code_basis, detect_languages, make_finding, number_duplicates, run_main, tracked_files
 
 __all__ = ["scan", "find_semgrep", "RULES_DIR", "SEMGREP_LANGUAGES"]
 

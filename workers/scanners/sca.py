@@ -126,7 +126,7 @@ class _Cursor:
         self.text, self.pos = text, 0
 
     def line_of(self, key: str) -> int:
-        match = re.compile(r'"%s"\s*:\s*\{' % re.escape(json.dumps(key)[1:-1])).search(self.text, self.pos)
+        match = re.compile('"' + re.escape(json.dumps(key)[1:-1]) + r'"\s*:\s*\{').search(self.text, self.pos)
         if not match:
             return 1
         self.pos = match.end()

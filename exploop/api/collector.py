@@ -1,0 +1,78 @@
+"""The API's /metrics: its own counters (every gunicorn worker's) plus fleet gauges read at
+scrape time from the database and Redis (the source of truth, not counters)."""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+
+from ..core.extensions import db
+from ..core.fleet import describe_agents
+from ..core.models import JOB_STATUSES, Agent, Job
+from ..routing import queues_for
+
+__all__ = ["FleetCollector", "render_api_metrics"]
+
+
+class FleetCollector:
+    """Scrape-time gauges from the database and Redis (the source of truth, not counters)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def collect(self):
+        with self.app.app_context():
+            jobs = GaugeMetricFamily("exploop_jobs", "Jobs by status.", labels=["status"])
+            counts = dict(db.session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            for status in JOB_STATUSES:
+                jobs.add_metric([status], counts.get(status, 0))
+            yield jobs
+
+            views = describe_agents(db.session.scalars(select(Agent)).all())
+            agents = GaugeMetricFamily("exploop_agents", "Agents by status and region.",
+                                       labels=["status", "region"])
+            running = GaugeMetricFamily("exploop_capacity_jobs_running", "Jobs running, by region.",
+                                        labels=["region"])
+            capacity = GaugeMetricFamily("exploop_capacity_jobs_max",
+                                         "Job slots of online agents, by region.", labels=["region"])
+            by_key: dict[tuple, int] = {}
+            slots: dict[str, list[int]] = {}
+            queues = set(self.app.extensions["celery"].amqp.queues.keys())
+            for view in views:
+                by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
+                used, total = slots.setdefault(view["region"], [0, 0])
+                if view["status"] in ("online", "draining"):
+                    slots[view["region"]][0] += view["jobs_running"]
+                if view["status"] == "online":
+                    slots[view["region"]][1] += view["max_jobs"]
+                queues.update(queues_for(view["capabilities"], view["region"]))
+            for (status, region), n in sorted(by_key.items()):
+                agents.add_metric([status, region], n)
+            for region, (used, total) in sorted(slots.items()):
+                running.add_metric([region], used)
+                capacity.add_metric([region], total)
+            yield agents
+            yield running
+            yield capacity
+            db.session.remove()
+
+            depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
+                                      labels=["queue"])
+            for queue, n in self.app.extensions["broker"].depths(queues).items():
+                depth.add_metric([queue], n)
+            yield depth
+
+
+def render_api_metrics(app) -> bytes:
+    """The API's /metrics body: process metrics (all gunicorn workers) + fleet gauges."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
+    fleet = CollectorRegistry()
+    fleet.register(FleetCollector(app))
+    return body + generate_latest(fleet)

@@ -1,0 +1,217 @@
+"""Agents: registration, credentials, leases and the status operators see.
+
+Status is derived, never stored: ``online`` = lease present and desired state
+active; ``draining`` = lease present and desired state draining; ``offline`` =
+no lease; ``disabled`` = switched off by an admin.
+"""
+from __future__ import annotations
+
+import logging
+import secrets as _secrets
+from datetime import UTC, datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from ..config import parse_duration
+from .exceptions import ApiError
+from .extensions import db
+from .models import Agent, AuditEvent, BootstrapToken, utcnow
+from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, security_event
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
+           "renew_lease_cached", "forget_agent", "lease_ttl",
+           "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
+
+#: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
+LAST_SEEN_WRITE_INTERVAL = timedelta(seconds=60)
+
+
+def audit(actor: str, action: str, target: str | None = None, detail: str | None = None) -> None:
+    """Record an admin action (committed with the caller's transaction)."""
+    db.session.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
+
+
+def agent_status(agent: Agent, lease: dict | None) -> str:
+    if agent.disabled:
+        return "disabled"
+    if lease is None:
+        return "offline"
+    return "draining" if agent.desired_state == "draining" else "online"
+
+
+def describe_agents(agents: list[Agent]) -> list[dict]:
+    """Agent records joined with their leases (one pipelined Redis read)."""
+    leases = current_app.extensions["leases"].get_many([a.name for a in agents])
+    now = utcnow()
+    views = []
+    for agent in agents:
+        lease = leases.get(agent.name)
+        last_seen = agent.last_seen
+        if lease is not None:
+            last_seen = datetime.fromtimestamp(lease["renewed_at"], UTC).replace(tzinfo=None)
+        views.append({
+            "name": agent.name,
+            "status": agent_status(agent, lease),
+            "region": agent.region,
+            "capabilities": agent.capability_list,
+            "jobs_running": int(lease.get("jobs_running", 0)) if lease else 0,
+            "max_jobs": int((lease or {}).get("max_jobs") or agent.max_jobs),
+            "running_jobs": list(lease.get("running_jobs", [])) if lease else [],
+            "desired_state": agent.desired_state,
+            "lease_ttl": lease["ttl"] if lease else None,
+            "last_seen": last_seen,
+            "last_seen_seconds": int((now - last_seen).total_seconds()) if last_seen else None,
+            "version": (lease or {}).get("version") or agent.version,
+            "host": (lease or {}).get("host") or agent.host,
+            "nodename": (lease or {}).get("nodename") or agent.nodename,
+            "created_at": agent.created_at,
+        })
+    return views
+
+
+def _unique_name(region: str) -> str:
+    while True:
+        name = f"agent-{region}-{_secrets.token_hex(3)}"
+        if db.session.scalar(select(Agent.id).where(Agent.name == name)) is None:
+            return name
+
+
+def create_agent(name: str, region: str, capabilities: list[str], max_jobs: int,
+                 **extra) -> tuple[Agent, str]:
+    """Create an agent record and return it with its key (shown once)."""
+    if db.session.scalar(select(Agent.id).where(Agent.name == name)) is not None:
+        raise ApiError(409, f"agent {name!r} already exists")
+    key = new_token(AGENT_PREFIX)
+    agent = Agent(name=name, region=region, capabilities=",".join(dict.fromkeys(capabilities)),
+                  max_jobs=max_jobs, key_hash=hash_token(key), **extra)
+    db.session.add(agent)
+    return agent, key
+
+
+def token_status(token: BootstrapToken) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at <= utcnow():
+        return "expired"
+    if token.uses >= token.max_uses:
+        return "used"
+    return "valid"
+
+
+def register_agent(data: dict) -> tuple[Agent, str]:
+    """Exchange a bootstrap token for an agent record and its own key."""
+    raw = data["token"]
+    token = db.session.scalar(select(BootstrapToken).where(
+        BootstrapToken.token_hash == hash_token(raw))) if raw.startswith(BOOTSTRAP_PREFIX) else None
+    if token is None:
+        security_event("invalid_token", "bootstrap", "reason=unknown")
+        logger.warning("invalid bootstrap token: unknown token")
+        raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
+    _check_constraints(token, data)
+    # Spend one use atomically: concurrent registrations cannot exceed max_uses.
+    spent = db.session.execute(update(BootstrapToken).where(
+        BootstrapToken.id == token.id, BootstrapToken.uses < BootstrapToken.max_uses,
+        BootstrapToken.revoked_at.is_(None), BootstrapToken.expires_at > utcnow(),
+    ).values(uses=BootstrapToken.uses + 1))
+    if spent.rowcount != 1:
+        db.session.rollback()
+        db.session.refresh(token)
+        reason = token_status(token)
+        security_event("invalid_token", "bootstrap", f"reason={reason} token={token.prefix}")
+        logger.warning("invalid bootstrap token: %s token=%s", reason, token.prefix)
+        raise ApiError(401, f"invalid bootstrap token: {reason}", {"reason": reason})
+    name = data.get("name") or _unique_name(data["region"])
+    agent, key = create_agent(name, data["region"], data["capabilities"], data["max_jobs"],
+                              version=data.get("version"), host=data.get("host"))
+    audit(f"bootstrap:{token.prefix}", "register agent", name)
+    db.session.commit()
+    logger.info("agent registered agent=%s region=%s capabilities=%s",
+                name, agent.region, agent.capabilities)
+    return agent, key
+
+
+def _check_constraints(token: BootstrapToken, data: dict) -> None:
+    """A token bound to a region or capabilities registers only agents within them."""
+    problems = {}
+    if token.region and data["region"] != token.region:
+        problems["region"] = [f"this token only registers agents in {token.region!r}"]
+    allowed = [c for c in (token.capabilities or "").split(",") if c]
+    extra = sorted(set(data["capabilities"]) - set(allowed)) if allowed else []
+    if extra:
+        problems["capabilities"] = [f"this token only allows {', '.join(allowed)}; not {', '.join(extra)}"]
+    if problems:
+        security_event("access_denied", "bootstrap", f"token={token.prefix} {problems}")
+        logger.warning("bootstrap token constraint refused token=%s region=%s capabilities=%s",
+                       token.prefix, data["region"], ",".join(data["capabilities"]))
+        raise ApiError(403, "registration outside the bootstrap token's constraints", problems)
+
+
+def create_bootstrap_token(actor: str, max_uses: int, expires: str, region: str | None = None,
+                           capabilities: list[str] | None = None,
+                           description: str | None = None) -> tuple[BootstrapToken, str]:
+    """Create a bootstrap token (optionally bound to a region and capabilities); shown once."""
+    try:
+        lifetime = parse_duration(expires, "expires")
+    except ValueError as exc:
+        raise ApiError(400, str(exc), {"expires": [str(exc)]}) from None
+    raw = new_token(BOOTSTRAP_PREFIX)
+    token = BootstrapToken(token_hash=hash_token(raw), prefix=raw[:len(BOOTSTRAP_PREFIX) + 6],
+                           max_uses=max_uses, expires_at=utcnow() + timedelta(seconds=lifetime),
+                           created_by=actor, region=region, description=description,
+                           capabilities=",".join(capabilities) if capabilities else None)
+    db.session.add(token)
+    audit(actor, "create token", token.prefix, f"max_uses={max_uses} expires={expires}")
+    db.session.commit()
+    return token, raw
+
+
+def lease_ttl(body: dict) -> float:
+    """3 x the agent's heartbeat interval, within the configured bounds."""
+    config = current_app.config
+    ttl = 3 * body["heartbeat_interval"]
+    return min(max(ttl, parse_duration(config["LEASE_TTL_MIN"])), parse_duration(config["LEASE_TTL_MAX"]))
+
+
+def renew_lease_cached(key_hash: str, body: dict) -> dict | None:
+    """The hot path: renew through the Redis identity cache, no database; None on a miss."""
+    ttl = lease_ttl(body)
+    identity = current_app.extensions["leases"].renew_by_key(key_hash, body, ttl)
+    if identity is None:
+        return None
+    return {"agent": identity["name"], "desired_state": identity["desired_state"],
+            "lease_ttl": int(round(ttl))}
+
+
+def forget_agent(agent: Agent) -> None:
+    """Invalidate the agent's cached identity after its record changed."""
+    current_app.extensions["leases"].forget(agent.key_hash)
+
+
+def renew_lease(agent: Agent, body: dict) -> dict:
+    """Renew the agent's lease (TTL = 3 x its heartbeat interval) and return its desired state.
+
+    This slow path reads and updates the record (last_seen at most once a
+    minute), then caches the identity for a minute so the next renewals skip the
+    database.
+    """
+    ttl = lease_ttl(body)
+    leases = current_app.extensions["leases"]
+    leases.renew(agent.name, body, ttl)
+    now = utcnow()
+    changed = {k: body[k] for k in ("version", "host", "nodename")
+               if body.get(k) and body[k] != getattr(agent, k)}
+    if changed or agent.last_seen is None or agent.lease_expired_at is not None \
+            or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
+        for key, value in changed.items():
+            setattr(agent, key, value)
+        if agent.lease_expired_at is not None:
+            logger.info("agent back online agent=%s offline_since=%s", agent.name,
+                        agent.lease_expired_at.isoformat())
+        agent.last_seen, agent.lease_expired_at = now, None
+        db.session.commit()
+    leases.remember(agent.key_hash, {"name": agent.name, "desired_state": agent.desired_state},
+                    LAST_SEEN_WRITE_INTERVAL.total_seconds())
+    return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}
