@@ -19,6 +19,7 @@ from click.shell_completion import CompletionItem
 from exploop import __version__
 from exploop.client import ApiClient, ApiClientError
 from exploop.config import CAPABILITIES, ConfigError, parse_duration
+from exploop.vocabulary import AGENT_STATUSES, JOB_STATUSES
 
 from . import output
 from .config import ConfigFileError, Target, resolve
@@ -31,8 +32,6 @@ WATCH_INTERVAL = 2.0
 PAGE_SIZE = 500
 #: The API validates these too; here they give usage errors and shell completion
 #: without importing the server's models (tests keep the two lists equal).
-JOB_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
-AGENT_STATUSES = ("online", "draining", "offline", "disabled")
 
 _CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

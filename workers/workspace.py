@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exploop.config import format_size
+from exploop.redaction import redact_url
 
-__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "redact_url", "minimal_env"]
+__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "minimal_env"]
 
 # What a process that hit RLIMIT_AS says on its way out (Python, glibc, OCaml/semgrep).
 # Characters git never allows in a ref name (and whitespace/control characters).
@@ -39,11 +40,6 @@ class JobError(Exception):
 class JobTimeout(JobError):
     def __init__(self, message: str):
         super().__init__(message, retry=True)
-
-
-def redact_url(url: str) -> str:
-    """Hide credentials in a URL (``https://user:token@host`` -> ``https://***@host``)."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
 def minimal_env(home: str, tmp: str | None = None) -> dict[str, str]:

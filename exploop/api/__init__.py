@@ -34,7 +34,10 @@ def document(func, *codes: int, security: str | None = None, role: str | None = 
     """Add error responses (and the security scheme) to a view's OpenAPI doc; return it.
 
     The doc travels with the function: ``functools.wraps`` copies it onto every
-    decorator above, where flask-smorest reads it.
+    decorator above, where flask-smorest reads it. ``_apidoc`` is flask-smorest's own
+    per-function store (what its public ``alt_response`` writes, but that needs a
+    blueprint and our auth decorators run without one): the one private name we use,
+    which is why setup.cfg pins flask-smorest's 0.x minor.
     """
     doc = deepcopy(getattr(func, "_apidoc", {}))
     responses = doc.setdefault("response", {}).setdefault("responses", {})
@@ -140,11 +143,10 @@ class Api(_SmorestApi):
     DEFAULT_ERROR_RESPONSE_NAME = None
     ERROR_SCHEMA = ErrorOut
 
-    def _init_spec(self, *, extra_plugins=None, **options):
-        super()._init_spec(extra_plugins=[*(extra_plugins or ()), _ServerResponses()], **options)
-
-    def _register_responses(self):
-        super()._register_responses()
+    def __init__(self, app, *, spec_kwargs: dict | None = None):
+        spec_kwargs = dict(spec_kwargs or {})
+        spec_kwargs["extra_plugins"] = [*spec_kwargs.get("extra_plugins", ()), _ServerResponses()]
+        super().__init__(app, spec_kwargs=spec_kwargs)
         error = {"application/json": {"schema": ErrorOut}}
         self.spec.components.response(RATE_LIMITED, {
             "description": "Too many failed authentications from this client for this credential"

@@ -21,6 +21,7 @@ from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queues_for
+from ..vocabulary import UNFINISHED_STATUSES, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
@@ -123,7 +124,7 @@ def _tenant(name: str) -> Tenant:
 
 def _tenant_usage(tenant: Tenant) -> Extended:
     counts = dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
+        Job.tenant_id == tenant.id, Job.status.in_(UNFINISHED_STATUSES)).group_by(Job.status)).all())
     usage = {"running": counts.get("running", 0), "queued": counts.get("queued", 0),
              "pending": counts.get("pending", 0)}
     usage["concurrent"] = usage["running"] + usage["queued"]
@@ -265,7 +266,7 @@ def get_agent(name):
 def _set_desired_state(name: str, state: str) -> dict:
     agent = _agent(name)
     agent.desired_state = state
-    fleet.audit(g.admin.name, "drain agent" if state == "draining" else "uncordon agent", name)
+    fleet.audit(g.admin.name, "drain agent" if state == DesiredState.DRAINING else "uncordon agent", name)
     db.session.commit()
     fleet.forget_agent(agent)
     view = fleet.describe_agents([agent])[0]
@@ -280,7 +281,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
     control = current_app.extensions["celery"].control
     try:
         for queue in queues_for(agent.capability_list, agent.region):
-            if state == "draining":
+            if state == DesiredState.DRAINING:
                 control.cancel_consumer(queue, destination=[nodename])
             else:
                 control.add_consumer(queue, destination=[nodename])
@@ -294,7 +295,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
 @admin_required("admin")
 def drain_agent(name):
     """Stop the agent taking new jobs; running jobs finish."""
-    return _set_desired_state(name, "draining")
+    return _set_desired_state(name, DesiredState.DRAINING)
 
 
 @bp.post("/agents/<name>/uncordon")
@@ -303,7 +304,7 @@ def drain_agent(name):
 @admin_required("admin")
 def uncordon_agent(name):
     """Let a drained agent take jobs again."""
-    return _set_desired_state(name, "active")
+    return _set_desired_state(name, DesiredState.ACTIVE)
 
 
 @bp.delete("/agents/<name>")
@@ -316,7 +317,7 @@ def delete_agent(name):
     # Forget the cached identity before and after the delete, so no renewal can slip in.
     fleet.forget_agent(agent)
     running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
-                                                   Job.status == "running")).all()
+                                                   Job.status == JobStatus.RUNNING)).all()
     for job in running:
         jobs.requeue(job, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
@@ -429,11 +430,11 @@ def cluster_info():
         depths = {name: None for name in sorted(queues)}
     since = utcnow() - timedelta(hours=24)
     counts = dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
+        Job.status.in_(UNFINISHED_STATUSES)).group_by(Job.status)).all())
     counts["failed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == "failed", Job.finished_at >= since))
+        Job.status == JobStatus.FAILED, Job.finished_at >= since))
     counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == "completed", Job.finished_at >= since))
+        Job.status == JobStatus.COMPLETED, Job.finished_at >= since))
     return {
         "api": "ok", "version": __version__, **checks,
         "agents": {"total": len(agents), "by_status": by_status, "by_region": regions},

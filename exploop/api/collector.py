@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 
 from ..core.extensions import db
 from ..core.fleet import describe_agents
-from ..core.models import JOB_STATUSES, Agent, Job
+from ..core.models import Agent, Job
 from ..routing import queues_for
+from ..vocabulary import JOB_STATUSES, AgentStatus
 
 __all__ = ["FleetCollector", "render_api_metrics"]
 
@@ -43,9 +44,9 @@ class FleetCollector:
             for view in views:
                 by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
-                if view["status"] in ("online", "draining"):
+                if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING):
                     slots[view["region"]][0] += view["jobs_running"]
-                if view["status"] == "online":
+                if view["status"] == AgentStatus.ONLINE:
                     slots[view["region"]][1] += view["max_jobs"]
                 queues.update(queues_for(view["capabilities"], view["region"]))
             for (status, region), n in sorted(by_key.items()):

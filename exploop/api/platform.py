@@ -11,6 +11,7 @@ from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.security import AGENT_PREFIX, hash_token
 from ..routing import queues_for
+from ..vocabulary import DesiredState
 from . import Blueprint
 from .auth import agent_required, auth_failure, bearer_token, documented_auth
 from .schemas import (
@@ -107,7 +108,7 @@ def poll(body):
     hold = min(body["timeout"], parse_duration(config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT"))
     window = parse_duration(config["POLL_CLAIM_WINDOW"], "EXPLOOP_POLL_CLAIM_WINDOW")
     agent = g.agent
-    name, draining = agent.name, agent.desired_state != "active"
+    name, draining = agent.name, agent.desired_state != DesiredState.ACTIVE
     queues = queues_for(agent.capability_list, agent.region)
     # Give the database connection back before blocking: a held poll must not pin one.
     db.session.remove()

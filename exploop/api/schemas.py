@@ -6,9 +6,8 @@ import re
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..config import CAPABILITIES, parse_duration
-from ..core.jobs import SEVERITIES
-from ..core.models import JOB_STATUSES
-from ..core.security import redact_url
+from ..redaction import redact_url
+from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, SEVERITIES, DesiredState
 
 
 class FullMatch(validate.Regexp):
@@ -95,8 +94,7 @@ def _queue_position(job):
 
 
 class Strict(Schema):
-    class Meta:
-        ordered = True
+    """Answers and admin/tenant bodies: unknown fields are refused (marshmallow's default)."""
 
 
 class Lenient(Schema):
@@ -104,7 +102,6 @@ class Lenient(Schema):
 
     class Meta:
         unknown = EXCLUDE
-        ordered = True
 
 
 class ErrorOut(Strict):
@@ -248,7 +245,7 @@ class AgentConfigOut(Strict):
 
 
 class LeaseIn(Lenient):
-    status = fields.String(load_default="active", validate=validate.Length(max=32))
+    status = fields.String(load_default=DesiredState.ACTIVE, validate=validate.Length(max=32))
     running_jobs = fields.List(fields.String(validate=validate.Length(max=64)),
                                load_default=list, validate=validate.Length(max=1000))
     jobs_running = JsonInteger(load_default=0, validate=validate.Range(min=0, max=100000))
@@ -475,7 +472,7 @@ class AgentPage(Page):
 
 class AgentListArgs(PageArgs):
     region = fields.String(validate=_REGION)
-    status = fields.String(validate=validate.OneOf(("online", "offline", "draining", "disabled")))
+    status = fields.String(validate=validate.OneOf(AGENT_STATUSES))
 
 
 class AdminJobOut(JobOut):

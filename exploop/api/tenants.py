@@ -13,6 +13,7 @@ from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.models import Finding, Job
 from ..core.sarif import build_sarif
+from ..vocabulary import JobStatus
 from . import Blueprint
 from .auth import tenant_required
 from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
@@ -113,7 +114,7 @@ def list_findings(args, job_id):
 def job_sarif(job_id):
     """Findings of one completed job of this tenant as a SARIF 2.1.0 log."""
     job = tenant_job(job_id)
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise ApiError(409, f"job {job_id} is {job.status}; SARIF is available once it has completed",
                        {"status": job.status})
     findings = db.session.scalars(select(Finding).where(Finding.job_id == job.id).order_by(Finding.id)).all()

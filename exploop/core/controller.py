@@ -14,10 +14,12 @@ import time
 from datetime import timedelta
 
 from flask import Flask
+from redis.exceptions import LockError
 from sqlalchemy import func, select
 
 from ..broker import decode_delivery
 from ..routing import queue_for
+from ..vocabulary import JobStatus
 from . import handouts, jobs
 from .extensions import db
 from .models import Agent, Job, Tenant, utcnow
@@ -42,29 +44,34 @@ class Controller:
         self.redis = app.extensions["redis"]
         self.broker = app.extensions["broker"]
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        # redis-py's Lock: compare-and-set acquire, extend and release, with our identity as token.
+        self.leader_lock = self.redis.lock(LEADER_KEY, timeout=max(3 * interval, 3), thread_local=False)
         self.is_leader = False
 
     # --- leadership ---------------------------------------------------------------
 
     def lead(self) -> bool:
         """Take or keep the leader lock (TTL 3 intervals); return whether we lead."""
-        ttl_ms = int(max(3 * self.interval, 3) * 1000)
-        if self.redis.set(LEADER_KEY, self.identity, nx=True, px=ttl_ms):
-            leading = True
-        else:
-            # Extend only if we still hold it (compare and set in one Lua step).
-            leading = bool(self.redis.eval(
-                "if redis.call('get', KEYS[1]) == ARGV[1] then "
-                "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
-                1, LEADER_KEY, self.identity, ttl_ms))
+        try:
+            if self.is_leader:
+                self.leader_lock.reacquire()  # still ours: push its expiry out again
+                leading = True
+            else:
+                leading = self.leader_lock.acquire(blocking=False, token=self.identity)
+        except LockError:  # expired and taken by another controller, or flushed
+            leading = False
         if leading != self.is_leader:
             logger.info("controller %s %s leadership", self.identity, "took" if leading else "lost")
         self.is_leader = leading
         return leading
 
     def resign(self) -> None:
-        self.redis.eval("if redis.call('get', KEYS[1]) == ARGV[1] then "
-                        "return redis.call('del', KEYS[1]) else return 0 end", 1, LEADER_KEY, self.identity)
+        if self.is_leader:
+            try:
+                self.leader_lock.release()
+            except LockError:
+                pass
+            self.is_leader = False
 
     # --- the loop -----------------------------------------------------------------
 
@@ -111,7 +118,7 @@ class Controller:
                 logger.error("lease expired agent=%s region=%s last_seen=%s",
                              agent.name, agent.region, agent.last_seen.isoformat())
             running = db.session.scalars(select(Job).where(
-                Job.agent_id == agent.id, Job.status == "running")).all()
+                Job.agent_id == agent.id, Job.status == JobStatus.RUNNING)).all()
             for job in running:
                 jobs.requeue(job, f"lease expired on agent {agent.name}")
                 requeued += 1
@@ -121,7 +128,7 @@ class Controller:
         """Running jobs past their time limit (plus grace) get another attempt."""
         now = utcnow()
         timed_out = 0
-        for job in db.session.scalars(select(Job).where(Job.status == "running")).all():
+        for job in db.session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all():
             if job.started_at and job.started_at + timedelta(seconds=job.time_limit) + TIMEOUT_GRACE < now:
                 logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
                                job.id, job.attempt, job.agent_name)
@@ -141,7 +148,7 @@ class Controller:
     def repair_queues(self) -> int:
         """Publish again every queued job whose message is not in Redis (flushed, lost, never sent)."""
         cutoff = utcnow() - REPUBLISH_AFTER
-        queued = db.session.scalars(select(Job).where(Job.status == "queued", Job.queued_at < cutoff)).all()
+        queued = db.session.scalars(select(Job).where(Job.status == JobStatus.QUEUED, Job.queued_at < cutoff)).all()
         if not queued:
             return 0
         present = self.broker.deliveries({queue_for(j.capability, j.region) for j in queued})
@@ -158,7 +165,7 @@ class Controller:
     def admit_fairly(self) -> int:
         """Admit pending jobs round-robin across tenants, within each tenant's limit."""
         tenants = db.session.scalars(
-            select(Job.tenant_id).where(Job.status == "pending").group_by(Job.tenant_id)
+            select(Job.tenant_id).where(Job.status == JobStatus.PENDING).group_by(Job.tenant_id)
             .order_by(func.min(Job.created_at))).all()
         admitted = 0
         for tenant_id in tenants:

@@ -4,8 +4,9 @@ from pathlib import Path
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
+from sqlalchemy.orm import DeclarativeBase
 
-__all__ = ["db", "migrate", "MIGRATIONS_DIR", "NAMING_CONVENTION"]
+__all__ = ["db", "migrate", "Base", "MIGRATIONS_DIR", "NAMING_CONVENTION"]
 
 #: Alembic migration scripts ship inside the package, so an installed image finds them.
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -20,10 +21,17 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+
+
+class Base(DeclarativeBase):
+    """Typed declarative base (``Mapped[...]`` columns); Flask-SQLAlchemy builds ``db.Model`` on it."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
 # Objects stay readable after commit without a reload per attribute; code that
 # needs fresh state after a concurrent change refreshes explicitly.
-db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING_CONVENTION),
-                session_options={"expire_on_commit": False})
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 
 # `flask --app exploop.api.app db migrate -m "..."` writes a new revision under MIGRATIONS_DIR.
 migrate = Migrate(directory=MIGRATIONS_DIR, compare_type=True)

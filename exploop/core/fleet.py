@@ -14,6 +14,7 @@ from flask import current_app
 from sqlalchemy import select, update
 
 from ..config import parse_duration
+from ..vocabulary import AgentStatus, DesiredState
 from .exceptions import ApiError
 from .extensions import db
 from .models import Agent, AuditEvent, BootstrapToken, utcnow
@@ -39,7 +40,7 @@ def agent_status(agent: Agent, lease: dict | None) -> str:
         return "disabled"
     if lease is None:
         return "offline"
-    return "draining" if agent.desired_state == "draining" else "online"
+    return AgentStatus.DRAINING if agent.desired_state == DesiredState.DRAINING else AgentStatus.ONLINE
 
 
 def describe_agents(agents: list[Agent]) -> list[dict]:

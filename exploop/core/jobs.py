@@ -22,18 +22,18 @@ from ..celery_app import declare_queue
 from ..config import CAPABILITIES, parse_duration
 from ..metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
 from ..routing import RUN_SCAN, queue_for
+from ..vocabulary import ADMITTED_STATUSES, FINAL_STATUSES, SEVERITIES, UNFINISHED_STATUSES, DesiredState, JobStatus
 from .exceptions import ApiError
 from .extensions import db
-from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
+from .models import Agent, Finding, Job, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
-           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
+           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url"]
 
-SEVERITIES = ("critical", "high", "medium", "low", "info")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
 
@@ -77,7 +77,7 @@ def choose_region(capability: str) -> str:
     free: dict[str, int] = {}
     for agent in candidates:
         lease = live.get(agent.name)
-        if lease is None or agent.desired_state != "active":
+        if lease is None or agent.desired_state != DesiredState.ACTIVE:
             continue
         slots = agent.max_jobs - int(lease.get("jobs_running", 0))
         free[agent.region] = free.get(agent.region, 0) + max(slots, 0)
@@ -111,7 +111,7 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     repo_url = validate_repo_url(data["repo_url"])
     limits = plan_limits(tenant)
     counts = _tenant_counts(tenant.id)
-    waiting = counts.get("pending", 0) + counts.get("queued", 0)
+    waiting = counts.get(JobStatus.PENDING, 0) + counts.get(JobStatus.QUEUED, 0)
     if waiting >= limits["max_queue"]:
         raise ApiError(429, f"queue full: tenant {tenant.name!r} on plan {tenant.plan!r} has {waiting}"
                             f" jobs waiting (max {limits['max_queue']}); retry when some have started",
@@ -119,14 +119,14 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
                        headers={"Retry-After": "30"})
     # Admit at once when the tenant has a free slot and nothing waits before this job
     # (a soft limit: concurrent submits may overshoot by a few); else it waits as pending.
-    active = counts.get("queued", 0) + counts.get("running", 0)
-    admit = active < limits["max_concurrent"] and counts.get("pending", 0) == 0
+    active = counts.get(JobStatus.QUEUED, 0) + counts.get(JobStatus.RUNNING, 0)
+    admit = active < limits["max_concurrent"] and counts.get(JobStatus.PENDING, 0) == 0
     priority = data.get("priority") or "normal"
     now = utcnow()
     job = Job(tenant_id=tenant.id, capability=capability, region=region,
               repo_url=repo_url, ref=data.get("ref") or "HEAD", priority=priority,
               admission_key=admission_key(now, priority), created_at=now,
-              status="queued" if admit else "pending", queued_at=now if admit else None,
+              status=JobStatus.QUEUED if admit else JobStatus.PENDING, queued_at=now if admit else None,
               max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
               time_limit=int(parse_duration(config["JOB_TIME_LIMIT"], "JOB_TIME_LIMIT")),
               idempotency_key=idempotency_key)
@@ -180,29 +180,29 @@ def plan_limits(tenant: Tenant) -> dict:
 
 def _tenant_counts(tenant_id: int) -> dict[str, int]:
     return dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.tenant_id == tenant_id, Job.status.in_(("pending", "queued", "running")))
+        Job.tenant_id == tenant_id, Job.status.in_(UNFINISHED_STATUSES))
         .group_by(Job.status)).all())
 
 
 def _active_count(tenant_id: int) -> int:
     return db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES)))
+        Job.tenant_id == tenant_id, Job.status.in_(ADMITTED_STATUSES)))
 
 
 def queue_position(job: Job) -> int | None:
     """1-based position of a waiting job: queued jobs go first-in first-out on their queue;
     a pending job comes after everything queued there and the tenant's pending jobs that
     are admitted before it. None once the job runs or ended."""
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         ahead = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.status == "queued", Job.capability == job.capability, Job.region == job.region,
+            Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region,
             Job.queued_at < job.queued_at))
         return ahead + 1
-    if job.status == "pending":
+    if job.status == JobStatus.PENDING:
         queued = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.status == "queued", Job.capability == job.capability, Job.region == job.region))
+            Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region))
         before = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.tenant_id == job.tenant_id, Job.status == "pending",
+            Job.tenant_id == job.tenant_id, Job.status == JobStatus.PENDING,
             Job.admission_key < job.admission_key))
         return queued + before + 1
     return None
@@ -211,19 +211,19 @@ def queue_position(job: Job) -> int | None:
 def admit_pending(tenant_id: int) -> int:
     """Queue and publish the tenant's oldest pending jobs while it has free slots."""
     has_pending = db.session.scalar(select(Job.id).where(
-        Job.tenant_id == tenant_id, Job.status == "pending").limit(1))
+        Job.tenant_id == tenant_id, Job.status == JobStatus.PENDING).limit(1))
     if has_pending is None:
         return 0
     tenant = db.session.get(Tenant, tenant_id)
     free = plan_limits(tenant)["max_concurrent"] - _active_count(tenant_id)
     if free <= 0:
         return 0
-    ids = db.session.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.status == "pending")
+    ids = db.session.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.status == JobStatus.PENDING)
                              .order_by(Job.admission_key, Job.id).limit(free)).all()
     # One statement for the batch; the status guard and RETURNING keep a concurrent
     # admission (the API on a completion, the controller) from publishing a job twice.
-    won = set(db.session.scalars(update(Job).where(Job.id.in_(ids), Job.status == "pending")
-                                 .values(status="queued", queued_at=utcnow()).returning(Job.id)).all())
+    won = set(db.session.scalars(update(Job).where(Job.id.in_(ids), Job.status == JobStatus.PENDING)
+                                 .values(status=JobStatus.QUEUED, queued_at=utcnow()).returning(Job.id)).all())
     db.session.commit()
     admitted = 0
     for job in db.session.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.admission_key, Job.id)
@@ -244,11 +244,11 @@ def publish(job: Job) -> bool:
                                                    "interval_step": 0.5, "interval_max": 1})
     except Exception as exc:  # broker down: keep the job, admit it again later
         logger.error("failed to publish job job_id=%s queue=%s: %s", job.id, queue, exc)
-        db.session.execute(update(Job).where(Job.id == job.id, Job.status == "queued",
+        db.session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED,
                                              Job.attempt == job.attempt)
-                           .values(status="pending", error=f"publish failed: {exc}"))
+                           .values(status=JobStatus.PENDING, error=f"publish failed: {exc}"))
         db.session.commit()
-        job.status, job.error = "pending", f"publish failed: {exc}"
+        job.status, job.error = JobStatus.PENDING, f"publish failed: {exc}"
         return False
     logger.info("job queued job_id=%s attempt=%s queue=%s", job.id, job.attempt, queue)
     return True
@@ -270,20 +270,20 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
     job = _get_job(job_id)
     if job.capability not in agent.capability_list or job.region != agent.region:
         raise ApiError(403, f"agent {agent.name!r} cannot run {job.capability} jobs in {job.region}")
-    if agent.desired_state != "active":
-        raise ApiError(409, f"agent {agent.name!r} is draining", {"reason": "draining"})
+    if agent.desired_state != DesiredState.ACTIVE:
+        raise ApiError(409, f"agent {agent.name!r} is draining", {"reason": DesiredState.DRAINING})
     token = new_token(JOB_PREFIX)
     now = utcnow()
     grace = parse_duration(current_app.config["JOB_TOKEN_GRACE"], "JOB_TOKEN_GRACE")
     result = db.session.execute(
-        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
-        .values(status="running", agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
+        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
                 progress_message=None, job_token_hash=hash_token(token),
                 job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:
-        if job.status == "running" and job.agent_id == agent.id and job.attempt == attempt:
+        if job.status == JobStatus.RUNNING and job.agent_id == agent.id and job.attempt == attempt:
             # The agent retried a claim whose answer it lost: a fresh token replaces the old one.
             job.job_token_hash = hash_token(token)
             db.session.commit()
@@ -304,7 +304,7 @@ def _finished(job: Job, outcome: str) -> None:
     if job.started_at:
         JOB_DURATION.labels(job.capability, job.region, outcome).observe(
             max(0.0, (utcnow() - job.started_at).total_seconds()))
-    if job.status in ("completed", "failed", "cancelled"):
+    if job.status in FINAL_STATUSES:
         JOBS_FINISHED.labels(job.capability, job.region, job.status).inc()
 
 
@@ -325,7 +325,7 @@ def progress(agent: Agent, job_id: str, attempt: int, percent: int, message: str
              job_token: str | None) -> Job:
     """Record progress of a running job held by ``agent`` (409 once it is cancelled)."""
     job = _held(agent, job_id, attempt, job_token)
-    if job.status != "running":
+    if job.status != JobStatus.RUNNING:
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     job.progress = percent
     job.progress_message = message
@@ -344,9 +344,9 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
              job_token: str | None) -> Job:
     """Store the findings and mark the job completed (repeating it is harmless)."""
     job = _held(agent, job_id, attempt, job_token)
-    if job.status == "completed":
+    if job.status == JobStatus.COMPLETED:
         return job  # the agent retried a completion whose answer it lost
-    if job.status != "running":
+    if job.status != JobStatus.RUNNING:
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     counts = {s: 0 for s in SEVERITIES}
     for item in findings:
@@ -356,9 +356,9 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
                                      "end_line", "message", "engine", "cwe", "secret_hash",
                                      "preview", "commit")}))
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
-    job.status, job.progress, job.finished_at, job.error = "completed", 100, utcnow(), None
+    job.status, job.progress, job.finished_at, job.error = JobStatus.COMPLETED, 100, utcnow(), None
     db.session.commit()
-    _finished(job, "completed")
+    _finished(job, JobStatus.COMPLETED)
     logger.info("job completed job_id=%s attempt=%s agent=%s tenant_id=%s findings=%d",
                 job.id, attempt, agent.name, job.tenant_id, len(findings))
     admit_pending(job.tenant_id)
@@ -368,16 +368,16 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
 def requeue(job: Job, reason: str) -> Job:
     """Send a job back to the queue as attempt + 1, or fail it after max attempts."""
     if job.attempt >= job.max_attempts:
-        job.status, job.finished_at = "failed", utcnow()
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
         job.error = f"{reason} (attempt {job.attempt} of {job.max_attempts})"
         db.session.commit()
-        JOBS_FINISHED.labels(job.capability, job.region, "failed").inc()
+        JOBS_FINISHED.labels(job.capability, job.region, JobStatus.FAILED).inc()
         logger.error("job failed permanently job_id=%s attempts=%s reason=%s",
                      job.id, job.attempt, reason)
         admit_pending(job.tenant_id)
         return job
     job.attempt += 1
-    job.status, job.agent_id, job.error = "queued", None, reason
+    job.status, job.agent_id, job.error = JobStatus.QUEUED, None, reason
     job.queued_at, job.started_at, job.progress = utcnow(), None, 0
     job.job_token_hash = job.job_token_expires_at = None
     db.session.commit()
@@ -390,16 +390,16 @@ def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
          job_token: str | None) -> Job:
     """Record a failed attempt; retry it if asked and attempts remain."""
     job = _held(agent, job_id, attempt, job_token)
-    if job.status == "failed":
+    if job.status == JobStatus.FAILED:
         return job
-    if job.status != "running":
+    if job.status != JobStatus.RUNNING:
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     if retry:
         _finished(job, "retried")
         return requeue(job, error)
-    job.status, job.finished_at, job.error = "failed", utcnow(), error
+    job.status, job.finished_at, job.error = JobStatus.FAILED, utcnow(), error
     db.session.commit()
-    _finished(job, "failed")
+    _finished(job, JobStatus.FAILED)
     logger.error("job failed permanently job_id=%s attempt=%s agent=%s error=%s",
                  job.id, attempt, agent.name, error)
     admit_pending(job.tenant_id)
@@ -408,12 +408,12 @@ def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
 
 def retry(job: Job, actor: str) -> Job:
     """Give a failed or cancelled job a new attempt (``exploop-admin retry job``)."""
-    if job.status not in ("failed", "cancelled"):
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise ApiError(409, f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
                        {"status": job.status})
     job.attempt += 1
     job.max_attempts = max(job.max_attempts, job.attempt)
-    job.status, job.agent_id, job.finished_at, job.started_at = "pending", None, None, None
+    job.status, job.agent_id, job.finished_at, job.started_at = JobStatus.PENDING, None, None, None
     job.progress, job.error, job.cancelled_by = 0, None, None
     job.job_token_hash = job.job_token_expires_at = None
     job.admission_key = admission_key(utcnow(), job.priority)
@@ -427,17 +427,17 @@ def retry(job: Job, actor: str) -> Job:
 def cancel(job: Job, actor: str) -> Job:
     """Cancel a pending, queued or running job. A running scan stops on its agent at the
     agent's next check (its progress report is answered 409 cancelled), which frees the slot."""
-    if job.status not in ("pending", "queued", "running"):
+    if job.status not in UNFINISHED_STATUSES:
         raise ApiError(409, f"job {job.id} is {job.status}; only pending, queued or running jobs"
                             " can be cancelled", {"status": job.status})
     was = job.status
     result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == was).values(
-        status="cancelled", finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
+        status=JobStatus.CANCELLED, finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now
-        return cancel(job, actor) if job.status in ("pending", "queued", "running") else job
-    JOBS_FINISHED.labels(job.capability, job.region, "cancelled").inc()
+        return cancel(job, actor) if job.status in UNFINISHED_STATUSES else job
+    JOBS_FINISHED.labels(job.capability, job.region, JobStatus.CANCELLED).inc()
     logger.info("job cancelled job_id=%s was=%s by=%s tenant_id=%s agent=%s",
                 job.id, was, actor, job.tenant_id, job.agent_name)
     admit_pending(job.tenant_id)

@@ -1,20 +1,26 @@
-"""Database models: the source of truth for tenants, agents, credentials, jobs and findings."""
+"""Database models: the source of truth for tenants, agents, credentials, jobs and findings.
+
+Typed SQLAlchemy 2.0 mappings: ``Mapped[X]`` is NOT NULL, ``Mapped[X | None]`` nullable.
+"""
 from __future__ import annotations
 
 import json
 import uuid
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from .extensions import db
+from ..vocabulary import DesiredState, JobStatus
+from .extensions import Base, db
 
-__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "Finding",
-           "AuditEvent", "JOB_STATUSES", "ACTIVE_STATUSES", "FINAL_STATUSES"]
+__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "Finding", "AuditEvent"]
 
-JOB_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+if TYPE_CHECKING:  # db.Model is Base with Flask-SQLAlchemy's query helpers, built at run time
+    Model = Base
+else:
+    Model = db.Model
 
 
 def utcnow() -> datetime:
@@ -22,137 +28,137 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class Tenant(db.Model):
+class Tenant(Model):
     __tablename__ = "tenants"
-    id = db.Column(db.Integer, primary_key=True)
-    name = db.Column(db.String(100), unique=True, nullable=False)
-    key_hash = db.Column(db.String(64), unique=True, nullable=False)
-    plan = db.Column(db.String(32), nullable=False, default="starter")
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    plan: Mapped[str] = mapped_column(String(32), default="starter")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class Agent(db.Model):
+class Agent(Model):
     __tablename__ = "agents"
-    id = db.Column(db.Integer, primary_key=True)
-    name = db.Column(db.String(100), unique=True, nullable=False)
-    region = db.Column(db.String(64), nullable=False, index=True)
-    capabilities = db.Column(db.String(100), nullable=False)  # comma separated
-    max_jobs = db.Column(db.Integer, nullable=False, default=5)
-    key_hash = db.Column(db.String(64), unique=True, nullable=False)
-    # What the admins want: "active" or "draining". The agent applies it on every renewal.
-    desired_state = db.Column(db.String(16), nullable=False, default="active")
-    disabled = db.Column(db.Boolean, nullable=False, default=False)
-    version = db.Column(db.String(40))
-    host = db.Column(db.String(255))
-    nodename = db.Column(db.String(255))  # Celery node name, for remote control
-    last_seen = db.Column(db.DateTime)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    region: Mapped[str] = mapped_column(String(64), index=True)
+    capabilities: Mapped[str] = mapped_column(String(100))  # comma separated
+    max_jobs: Mapped[int] = mapped_column(Integer, default=5)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # What the admins want. The agent applies it on every renewal.
+    desired_state: Mapped[str] = mapped_column(String(16), default=DesiredState.ACTIVE.value)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[str | None] = mapped_column(String(40))
+    host: Mapped[str | None] = mapped_column(String(255))
+    nodename: Mapped[str | None] = mapped_column(String(255))  # Celery node name, for remote control
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime)
     # Set by the controller when it finds the lease gone (logged once), cleared on renewal.
-    lease_expired_at = db.Column(db.DateTime)
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    lease_expired_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     @property
     def capability_list(self) -> list[str]:
         return [c for c in self.capabilities.split(",") if c]
 
 
-class BootstrapToken(db.Model):
+class BootstrapToken(Model):
     __tablename__ = "bootstrap_tokens"
-    id = db.Column(db.Integer, primary_key=True)
-    token_hash = db.Column(db.String(64), unique=True, nullable=False)
-    prefix = db.Column(db.String(16), nullable=False)  # first characters, to tell tokens apart
-    max_uses = db.Column(db.Integer, nullable=False, default=1)
-    uses = db.Column(db.Integer, nullable=False, default=0)
-    expires_at = db.Column(db.DateTime, nullable=False)
-    revoked_at = db.Column(db.DateTime)
-    revoked_by = db.Column(db.String(100))
-    revoke_reason = db.Column(db.String(255))
-    created_by = db.Column(db.String(100))
-    description = db.Column(db.String(255))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell tokens apart
+    max_uses: Mapped[int] = mapped_column(Integer, default=1)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(100))
+    revoke_reason: Mapped[str | None] = mapped_column(String(255))
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    description: Mapped[str | None] = mapped_column(String(255))
     # Constraints on what may register with this token (None: any).
-    region = db.Column(db.String(64))
-    capabilities = db.Column(db.String(100))  # comma separated: the agent's must be a subset
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    region: Mapped[str | None] = mapped_column(String(64))
+    capabilities: Mapped[str | None] = mapped_column(String(100))  # comma separated: the agent's must be a subset
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class AdminToken(db.Model):
+class AdminToken(Model):
     __tablename__ = "admin_tokens"
-    id = db.Column(db.Integer, primary_key=True)
-    name = db.Column(db.String(100), nullable=False)
-    role = db.Column(db.String(16), nullable=False, default="admin")  # admin | viewer
-    token_hash = db.Column(db.String(64), unique=True, nullable=False)
-    revoked_at = db.Column(db.DateTime)
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16), default="admin")  # admin | viewer
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 def _job_id() -> str:
     return uuid.uuid4().hex
 
 
-class Job(db.Model):
+class Job(Model):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
                       Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"))
-    id = db.Column(db.String(32), primary_key=True, default=_job_id)
-    tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
-    capability = db.Column(db.String(16), nullable=False)
-    region = db.Column(db.String(64), nullable=False)
-    repo_url = db.Column(db.String(2048), nullable=False)
-    ref = db.Column(db.String(255), nullable=False, default="HEAD")
-    status = db.Column(db.String(16), nullable=False, default="pending", index=True)
-    priority = db.Column(db.String(16), nullable=False, default="normal")
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_job_id)
+    tenant_id: Mapped[int] = mapped_column(Integer, ForeignKey("tenants.id"))
+    capability: Mapped[str] = mapped_column(String(16))
+    region: Mapped[str] = mapped_column(String(64))
+    repo_url: Mapped[str] = mapped_column(String(2048))
+    ref: Mapped[str] = mapped_column(String(255), default="HEAD")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING.value, index=True)
+    priority: Mapped[str] = mapped_column(String(16), default="normal")
     # Admission order: created_at minus priority rank x PRIORITY_AGING (see jobs.admission_key).
-    admission_key = db.Column(db.DateTime, nullable=False, default=utcnow)
-    attempt = db.Column(db.Integer, nullable=False, default=1)
-    max_attempts = db.Column(db.Integer, nullable=False, default=3)
-    time_limit = db.Column(db.Integer, nullable=False)  # seconds
-    agent_id = db.Column(db.Integer, db.ForeignKey("agents.id", ondelete="SET NULL"), index=True)
-    agent_name = db.Column(db.String(100))  # kept when the agent record is deleted
-    idempotency_key = db.Column(db.String(255))
-    progress = db.Column(db.Integer, nullable=False, default=0)
-    progress_message = db.Column(db.String(255))
+    admission_key: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    time_limit: Mapped[int] = mapped_column(Integer)  # seconds
+    agent_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("agents.id", ondelete="SET NULL"), index=True)
+    agent_name: Mapped[str | None] = mapped_column(String(100))  # kept when the agent record is deleted
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    progress_message: Mapped[str | None] = mapped_column(String(255))
     # The scoped job token of the current attempt (hash), given to the agent at claim.
-    job_token_hash = db.Column(db.String(64))
-    job_token_expires_at = db.Column(db.DateTime)
-    cancelled_by = db.Column(db.String(100))
-    error = db.Column(db.Text)
-    summary_json = db.Column(db.Text)
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
-    queued_at = db.Column(db.DateTime)
-    started_at = db.Column(db.DateTime)
-    finished_at = db.Column(db.DateTime)
+    job_token_hash: Mapped[str | None] = mapped_column(String(64))
+    job_token_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    cancelled_by: Mapped[str | None] = mapped_column(String(100))
+    error: Mapped[str | None] = mapped_column(Text)
+    summary_json: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
-    tenant = db.relationship("Tenant")
+    tenant: Mapped[Tenant] = relationship()
 
     @property
     def summary(self) -> dict | None:
         return json.loads(self.summary_json) if self.summary_json else None
 
 
-class Finding(db.Model):
+class Finding(Model):
     __tablename__ = "findings"
-    id = db.Column(db.Integer, primary_key=True)
-    job_id = db.Column(db.String(32), db.ForeignKey("jobs.id"), nullable=False, index=True)
-    rule_id = db.Column(db.String(200), nullable=False)
-    severity = db.Column(db.String(16), nullable=False)
-    confidence = db.Column(db.String(16))
-    path = db.Column(db.String(1024), nullable=False)
-    start_line = db.Column(db.Integer)
-    end_line = db.Column(db.Integer)
-    message = db.Column(db.Text, nullable=False)
-    engine = db.Column(db.String(64), nullable=False)
-    cwe = db.Column(db.String(32))
-    fingerprint = db.Column(db.String(64), nullable=False)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
+    rule_id: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str] = mapped_column(String(16))
+    confidence: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(1024))
+    start_line: Mapped[int | None] = mapped_column(Integer)
+    end_line: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+    engine: Mapped[str] = mapped_column(String(64))
+    cwe: Mapped[str | None] = mapped_column(String(32))
+    fingerprint: Mapped[str] = mapped_column(String(64))
     # Secrets only: a hash and a masked preview; the value itself is never stored.
-    secret_hash = db.Column(db.String(64))
-    preview = db.Column(db.String(64))
-    commit = db.Column(db.String(64))
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
+    preview: Mapped[str | None] = mapped_column(String(64))
+    commit: Mapped[str | None] = mapped_column(String(64))
 
 
-class AuditEvent(db.Model):
+class AuditEvent(Model):
     __tablename__ = "audit_events"
-    id = db.Column(db.Integer, primary_key=True)
-    actor = db.Column(db.String(100), nullable=False)
-    action = db.Column(db.String(64), nullable=False)
-    target = db.Column(db.String(255))
-    detail = db.Column(db.Text)
-    created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 
 __all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
-           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "mask", "redact_url", "security_event"]
+           "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "security_event"]
 
 logger = logging.getLogger("exploop.core.security")
 
@@ -39,22 +38,8 @@ def matches(token: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_token(token), stored_hash)
 
 
-def mask(value: str, keep: int = 4) -> str:
-    """Masked preview of a secret: the first characters, then asterisks."""
-    keep = min(keep, len(value) // 4)
-    return value[:keep] + "*" * max(4, len(value) - keep)
-
-
 def security_event(kind: str, audience: str, detail: str = "") -> None:
     """Count and log a security event: ``auth_failed``, ``access_denied`` or ``invalid_token``."""
     from ..metrics import SECURITY_EVENTS
     SECURITY_EVENTS.labels(kind, audience).inc()
     logger.warning("security event kind=%s audience=%s %s", kind, audience, detail)
-
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact_url(url: str) -> str:
-    """Hide credentials in a URL (``https://user:token@host/...`` -> ``https://***@host/...``)."""
-    return _USERINFO.sub("***@", url)

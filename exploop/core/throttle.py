@@ -76,11 +76,3 @@ class AuthThrottle:
             logger.warning("authentication failures over limit kind=%s remote=%s failures=%d"
                            " blocked_for=%ds", kind, client_id, failures, self.block)
         return int(retry_after) if retry_after > 0 else None
-
-    def failures(self, kind: str, client_id: str) -> int:
-        """Failures counted for this client and kind in the current window or block."""
-        return int(self.redis.get(self.key(kind, client_id)) or 0)
-
-    def reset(self, kind: str, client_id: str) -> None:
-        """Forget a client's failures (an operator unblocking a client)."""
-        self.redis.delete(self.key(kind, client_id))

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from admin.cli import AGENT_STATUSES, JOB_STATUSES, main
 from exploop.client import ApiClientError, PlatformClient
-from exploop.core.models import JOB_STATUSES as MODEL_JOB_STATUSES
 from exploop.run.children import free_port, script
+from exploop.vocabulary import JOB_STATUSES as MODEL_JOB_STATUSES
 from tests.support.live_stack import cli, heartbeat, lines_of, start_live_stack, submit_job
 from tests.support.stack import auth
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 
 from exploop.config import AgentSettings, ConfigError, format_duration, parse_duration
-from exploop.core.security import AGENT_PREFIX, hash_token, mask, matches, new_token
+from exploop.core.security import AGENT_PREFIX, hash_token, matches, new_token
+from exploop.redaction import redact_url
 from exploop.routing import RUN_SCAN, queue_for, queues_for, route_task
+from workers.scanners.secrets import mask
 
 
 @pytest.mark.parametrize("text,seconds", [("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800),
@@ -107,3 +109,9 @@ def test_parse_size():
     for bad in ("", "x", "-1g", "4q"):
         with pytest.raises(ConfigError):
             parse_size(bad, "MEMORY_LIMIT")
+
+
+def test_redact_url_hides_userinfo_only():
+    assert redact_url("https://user:tok@git.example.com/a/b.git") == "https://***@git.example.com/a/b.git"
+    assert redact_url("ssh://git@host/x") == "ssh://***@host/x"
+    assert redact_url("https://host/a@b") == "https://host/a@b"

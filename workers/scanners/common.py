@@ -19,10 +19,11 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 
+from exploop.vocabulary import SEVERITIES
+
 __all__ = ["ScanError", "make_finding", "fingerprint", "code_basis", "number_duplicates",
            "tracked_files", "detect_languages", "run_main", "LANGUAGES", "SEVERITIES"]
 
-SEVERITIES = ("critical", "high", "medium", "low", "info")
 
 #: File suffix -> language, for the languages a repository holds.
 LANGUAGES = {

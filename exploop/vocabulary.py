@@ -1,0 +1,50 @@
+"""The fleet's shared vocabulary (job statuses, agent states, finding severities), used by
+the API, the agents, the scanners and the CLI alike.
+
+``StrEnum`` members are their strings: they compare, hash, serialise to JSON and label
+Prometheus metrics exactly as the plain values the API has always sent.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["JobStatus", "DesiredState", "AgentStatus", "JOB_STATUSES",
+           "UNFINISHED_STATUSES", "ADMITTED_STATUSES", "FINAL_STATUSES", "AGENT_STATUSES", "SEVERITIES"]
+
+
+class JobStatus(StrEnum):
+    """A job's lifecycle: pending -> queued -> running -> completed | failed | cancelled."""
+
+    PENDING = "pending"  # accepted, waiting for the tenant's fair share
+    QUEUED = "queued"  # published to its broker queue
+    RUNNING = "running"  # claimed by one agent
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DesiredState(StrEnum):
+    """What the admins want an agent to do; it applies the state at every renewal."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+
+
+class AgentStatus(StrEnum):
+    """An agent as operators see it (from its lease and its record)."""
+
+    ONLINE = "online"
+    DRAINING = "draining"
+    DISABLED = "disabled"
+    OFFLINE = "offline"
+
+
+#: Plain strings, for click choices, schema validation and the OpenAPI enum.
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+UNFINISHED_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
+#: Count toward a tenant plan's concurrency.
+ADMITTED_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+AGENT_STATUSES = tuple(s.value for s in AgentStatus)
+#: Finding severities, most severe first.
+SEVERITIES = ("critical", "high", "medium", "low", "info")
