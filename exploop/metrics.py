@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["REQUEST_LATENCY", "JOB_DURATION", "QUEUE_WAIT", "STALE_CLAIMS", "JOBS_FINISHED", "SECURITY_EVENTS",
            "AgentMetrics"]
@@ -47,9 +49,6 @@ class _ProcessTreeCPU:
         self.labels = labels
 
     def collect(self):
-        import psutil
-        from prometheus_client.core import CounterMetricFamily
-
         me = psutil.Process()
         total = sum(me.cpu_times()[:2])
         for child in me.children(recursive=True):

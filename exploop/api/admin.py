@@ -21,7 +21,7 @@ from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queues_for
-from ..vocabulary import UNFINISHED_STATUSES, DesiredState, JobStatus
+from ..vocabulary import DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
@@ -123,10 +123,9 @@ def _tenant(name: str) -> Tenant:
 
 
 def _tenant_usage(tenant: Tenant) -> Extended:
-    counts = dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.tenant_id == tenant.id, Job.status.in_(UNFINISHED_STATUSES)).group_by(Job.status)).all())
-    usage = {"running": counts.get("running", 0), "queued": counts.get("queued", 0),
-             "pending": counts.get("pending", 0)}
+    counts = jobs.status_counts(tenant.id)
+    usage = {"running": counts[JobStatus.RUNNING], "queued": counts[JobStatus.QUEUED],
+             "pending": counts[JobStatus.PENDING]}
     usage["concurrent"] = usage["running"] + usage["queued"]
     usage["waiting"] = usage["pending"] + usage["queued"]
     return Extended(tenant, limits=jobs.plan_limits(tenant), usage=usage)
@@ -349,10 +348,7 @@ def list_jobs(args):
 
 
 def _job(job_id: str) -> Job:
-    job = db.session.get(Job, job_id)
-    if job is None:
-        raise ApiError(404, f"job {job_id!r} not found")
-    return job
+    return jobs.get_job(job_id)
 
 
 @bp.get("/jobs/<job_id>")
@@ -429,8 +425,7 @@ def cluster_info():
     except redis.RedisError:
         depths = {name: None for name in sorted(queues)}
     since = utcnow() - timedelta(hours=24)
-    counts = dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.status.in_(UNFINISHED_STATUSES)).group_by(Job.status)).all())
+    counts: dict[str, int | None] = dict(jobs.status_counts())
     counts["failed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
         Job.status == JobStatus.FAILED, Job.finished_at >= since))
     counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(

@@ -1,20 +1,28 @@
 """The Flask application factory."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import redis
-from flask import Flask
+from flask import Flask, g, request, send_from_directory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from swagger_ui_bundle import swagger_ui_path
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..broker import Broker, KeyLayout
 from ..celery_app import make_celery
 from ..config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from ..core.extensions import db, migrate
 from ..core.leases import LeaseStore
+from ..core.migrate import upgrade
 from ..core.throttle import AuthThrottle
+from ..metrics import REQUEST_LATENCY
 from ..routing import queue_for
+from . import Api, admin, health, platform, tenants
+from .errors import register_error_handlers
 
 __all__ = ["create_app", "init_db"]
 
@@ -47,8 +55,6 @@ def create_app(test_config: dict | None = None) -> Flask:
         overrides=celery_conf)
     app.extensions["broker"] = _broker(app, client)
 
-    from . import Api, admin, health, platform, tenants
-    from .errors import register_error_handlers
     api = Api(app, spec_kwargs={"components": {"securitySchemes": _SECURITY_SCHEMES}})
     app.extensions["smorest"] = api
     for blueprint in (platform.bp, tenants.bp, admin.bp, health.bp):
@@ -59,7 +65,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     _observe_requests(app)
     proxies = _non_negative_int(app, "PROXY_COUNT")
     if proxies:
-        from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
     return app
 
@@ -92,9 +97,6 @@ def _auth_throttle(app: Flask, client: redis.Redis) -> AuthThrottle:
 
 def _serve_docs_assets(app: Flask) -> None:
     """Swagger UI's files for /docs, from the swagger-ui-bundle package: no CDN needed."""
-    from flask import send_from_directory
-    from swagger_ui_bundle import swagger_ui_path
-
     app.add_url_rule("/docs/static/<path:filename>", endpoint="docs_static",
                      view_func=lambda filename: send_from_directory(swagger_ui_path, filename))
 
@@ -106,9 +108,6 @@ def _guard_requests(app: Flask) -> None:
     Werkzeug enforces the same size limit while reading (also for chunked bodies);
     this refuses early, including on routes that never read their body.
     """
-    from flask import request
-    from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
-
     @app.before_request
     def _check_length():
         limit = app.config.get("MAX_CONTENT_LENGTH")
@@ -123,12 +122,6 @@ def _guard_requests(app: Flask) -> None:
 
 def _observe_requests(app: Flask) -> None:
     """Request latency per endpoint (route template, never a raw path: bounded labels)."""
-    import time
-
-    from flask import g, request
-
-    from ..metrics import REQUEST_LATENCY
-
     @app.before_request
     def _start_timer():
         g.request_started = time.perf_counter()
@@ -174,7 +167,6 @@ def init_db(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    from ..core.migrate import upgrade
     upgrade(app)
 
 

@@ -6,11 +6,12 @@ import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ..core.extensions import db
 from ..core.fleet import describe_agents
-from ..core.models import Agent, Job
+from ..core.jobs import status_counts
+from ..core.models import Agent
 from ..routing import queues_for
 from ..vocabulary import JOB_STATUSES, AgentStatus
 
@@ -26,9 +27,8 @@ class FleetCollector:
     def collect(self):
         with self.app.app_context():
             jobs = GaugeMetricFamily("exploop_jobs", "Jobs by status.", labels=["status"])
-            counts = dict(db.session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            for status in JOB_STATUSES:
-                jobs.add_metric([status], counts.get(status, 0))
+            for status, n in status_counts(statuses=JOB_STATUSES).items():
+                jobs.add_metric([status], n)
             yield jobs
 
             views = describe_agents(db.session.scalars(select(Agent)).all())

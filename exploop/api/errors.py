@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -64,7 +65,6 @@ def _handle_redis_down(exc: Exception):
 
 def register_error_handlers(app: Flask) -> None:
     """Register the JSON handlers (after flask-smorest, replacing its own)."""
-    import redis
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(redis.exceptions.ConnectionError, _handle_redis_down)

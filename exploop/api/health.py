@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from flask import Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from ..core.extensions import db
 from . import Blueprint
+from .collector import render_api_metrics
 from .schemas import HealthOut
 
 bp = Blueprint("health", __name__, description="Liveness and Prometheus metrics (no credential)")
@@ -43,7 +45,4 @@ def health():
     "text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
     """Prometheus metrics: request latency, job histograms, queue depth, jobs, agents, capacity."""
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    from .collector import render_api_metrics
     return Response(render_api_metrics(current_app._get_current_object()), mimetype=CONTENT_TYPE_LATEST)

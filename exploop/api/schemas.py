@@ -6,8 +6,12 @@ import re
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from ..config import CAPABILITIES, parse_duration
+from ..core.jobs import queue_position
 from ..redaction import redact_url
 from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, SEVERITIES, DesiredState
+
+#: The one capability check of every request (jobs, tokens, agents).
+CAPABILITY_ERROR = f"unknown capability; valid: {', '.join(CAPABILITIES)}"
 
 
 class FullMatch(validate.Regexp):
@@ -88,11 +92,6 @@ class Extended:
         return getattr(self._obj, name)
 
 
-def _queue_position(job):
-    from ..core.jobs import queue_position
-    return queue_position(job)
-
-
 class Strict(Schema):
     """Answers and admin/tenant bodies: unknown fields are refused (marshmallow's default)."""
 
@@ -144,7 +143,7 @@ class JobCreate(Strict):
     # Never starting with "-": the agent passes it to git, which would read it as an option.
     ref = fields.String(load_default="HEAD", validate=[validate.Length(min=1, max=255), _REF])
     capability = fields.String(required=True, validate=validate.OneOf(
-        CAPABILITIES, error=f"unknown capability; valid: {', '.join(CAPABILITIES)}"))
+        CAPABILITIES, error=CAPABILITY_ERROR))
     region = fields.String(validate=_REGION)
 
 
@@ -163,7 +162,7 @@ class JobOut(Strict):
     id = fields.String()
     status = fields.String()
     priority = fields.String()
-    queue_position = fields.Function(lambda job: _queue_position(job), allow_none=True,
+    queue_position = fields.Function(lambda job: queue_position(job), allow_none=True,
                                      metadata={"description": "1-based, while pending or queued"})
     capability = fields.String()
     region = fields.String()
@@ -214,7 +213,7 @@ class RegisterIn(Lenient):
     token = fields.String(required=True, validate=validate.Length(min=1, max=200))
     name = fields.String(validate=_NAME)
     region = fields.String(required=True, validate=_REGION)
-    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR)),
                                required=True, validate=validate.Length(min=1))
     max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
     version = fields.String(validate=validate.Length(max=40))
@@ -400,7 +399,7 @@ class TokenCreate(Strict):
     max_uses = JsonInteger(load_default=1, validate=validate.Range(min=1, max=100000))
     expires = DurationText(load_default="1h", metadata={"description": "lifetime such as 30m, 1h, 7d"})
     region = fields.String(validate=_REGION, metadata={"description": "only agents of this region"})
-    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR)),
                                validate=validate.Length(min=1),
                                metadata={"description": "agents may register only a subset of these"})
     description = fields.String(validate=validate.Length(max=255))
@@ -439,7 +438,7 @@ class TokenPage(Page):
 class AgentCreate(Strict):
     name = fields.String(required=True, validate=_NAME)
     region = fields.String(required=True, validate=_REGION)
-    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
+    capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR)),
                                load_default=lambda: ["sast", "sca"], validate=validate.Length(min=1))
     max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
 

@@ -31,10 +31,7 @@ def paged(query, args):
 
 
 def tenant_job(job_id: str) -> Job:
-    job = db.session.get(Job, job_id)
-    if job is None or job.tenant_id != g.tenant.id:
-        raise ApiError(404, f"job {job_id!r} not found")
-    return job
+    return jobs.get_job(job_id, tenant_id=g.tenant.id)
 
 
 @bp.post("/jobs")

@@ -18,6 +18,7 @@ import redis as redis_lib
 from flask import current_app
 
 from ..broker import decode_delivery
+from ..config import parse_duration
 from .exceptions import ApiError
 
 __all__ = ["HANDOUTS", "EXPIRY", "poll_redis", "pop", "take", "put_back", "restore_expired",
@@ -76,7 +77,6 @@ def poll_redis(app) -> redis_lib.Redis:
     """A client whose socket timeout outlasts the longest long-poll (BRPOP blocks)."""
     client = app.extensions.get("redis_poll")
     if client is None:
-        from ..config import parse_duration
         hold = parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
         # One connection per held poll (BRPOP blocks it): the pool must hold every poll this
         # process may hold (redis-py's default caps a pool at 100).

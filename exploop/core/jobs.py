@@ -19,7 +19,7 @@ from flask import current_app
 from sqlalchemy import func, select, update
 
 from ..celery_app import declare_queue
-from ..config import CAPABILITIES, parse_duration
+from ..config import parse_duration
 from ..metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
 from ..routing import RUN_SCAN, queue_for
 from ..vocabulary import ADMITTED_STATUSES, FINAL_STATUSES, SEVERITIES, UNFINISHED_STATUSES, DesiredState, JobStatus
@@ -95,10 +95,7 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
             Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             return existing, False
-    capability = data["capability"]
-    if capability not in CAPABILITIES:
-        raise ApiError(400, f"unknown capability {capability!r}",
-                       {"capability": [f"valid: {', '.join(CAPABILITIES)}"]})
+    capability = data["capability"]  # validated by the request schema (api/schemas.py)
     region = data.get("region")
     if region:
         regions = known_regions()
@@ -110,7 +107,7 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     config = current_app.config
     repo_url = validate_repo_url(data["repo_url"])
     limits = plan_limits(tenant)
-    counts = _tenant_counts(tenant.id)
+    counts = status_counts(tenant.id)
     waiting = counts.get(JobStatus.PENDING, 0) + counts.get(JobStatus.QUEUED, 0)
     if waiting >= limits["max_queue"]:
         raise ApiError(429, f"queue full: tenant {tenant.name!r} on plan {tenant.plan!r} has {waiting}"
@@ -178,10 +175,22 @@ def plan_limits(tenant: Tenant) -> dict:
     return {"max_concurrent": int(plan["max_concurrent"]), "max_queue": int(plan["max_queue"])}
 
 
-def _tenant_counts(tenant_id: int) -> dict[str, int]:
-    return dict(db.session.execute(select(Job.status, func.count()).where(
-        Job.tenant_id == tenant_id, Job.status.in_(UNFINISHED_STATUSES))
-        .group_by(Job.status)).all())
+def status_counts(tenant_id: int | None = None, statuses=UNFINISHED_STATUSES) -> dict[str, int]:
+    """Jobs per status (every status in ``statuses``, zeros included), of one tenant or all."""
+    query = select(Job.status, func.count()).where(Job.status.in_(statuses)).group_by(Job.status)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    counts: dict[str, int] = dict.fromkeys(statuses, 0)
+    counts.update((str(status), int(n)) for status, n in db.session.execute(query).all())
+    return counts
+
+
+def get_job(job_id: str, tenant_id: int | None = None) -> Job:
+    """The job, or 404 (also for another tenant's job: its existence is not disclosed)."""
+    job = db.session.get(Job, job_id)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise ApiError(404, f"job {job_id!r} not found")
+    return job
 
 
 def _active_count(tenant_id: int) -> int:

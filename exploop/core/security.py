@@ -11,6 +11,8 @@ import hmac
 import logging
 import secrets
 
+from ..metrics import SECURITY_EVENTS
+
 __all__ = ["new_token", "hash_token", "matches", "AGENT_PREFIX", "TENANT_PREFIX",
            "ADMIN_PREFIX", "BOOTSTRAP_PREFIX", "JOB_PREFIX", "security_event"]
 
@@ -40,6 +42,5 @@ def matches(token: str, stored_hash: str) -> bool:
 
 def security_event(kind: str, audience: str, detail: str = "") -> None:
     """Count and log a security event: ``auth_failed``, ``access_denied`` or ``invalid_token``."""
-    from ..metrics import SECURITY_EVENTS
     SECURITY_EVENTS.labels(kind, audience).inc()
     logger.warning("security event kind=%s audience=%s %s", kind, audience, detail)

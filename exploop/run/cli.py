@@ -1,7 +1,10 @@
 """``exploop``: the server side (API, local stack, admin bootstrap)."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 
 import click
 
@@ -18,6 +21,9 @@ def main():
 
 
 def _app():
+    # Lazy (as every server import in this module): `exploop --help` and `exploop up` answer
+    # without loading Flask, SQLAlchemy and Celery, and prometheus_client is first imported
+    # after `_prepare_multiprocess_metrics` set PROMETHEUS_MULTIPROC_DIR (it reads it at import).
     from ..api.app import create_app, init_db
     try:
         app = create_app()
@@ -30,9 +36,6 @@ def _app():
 def _prepare_multiprocess_metrics() -> None:
     """Counters from every gunicorn worker, merged at scrape time: a fresh, empty directory
     (set PROMETHEUS_MULTIPROC_DIR to choose it), prepared before prometheus_client loads."""
-    import os
-    import shutil
-    import tempfile
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         shutil.rmtree(path, ignore_errors=True)

@@ -58,6 +58,7 @@ class _Gunicorn(BaseApplication):
                 self.cfg.set(key.lower(), value)
 
     def load(self):
+        # Lazy: the app (and prometheus_client) load after PROMETHEUS_MULTIPROC_DIR is set.
         from ..api.app import create_app
         return create_app()
 
@@ -112,5 +113,5 @@ def serve(host: str, port: int, workers: int, threads: int, log_level: str = "in
 
 def _child_exit(server, worker) -> None:
     """Drop a dead worker's live gauges from the merged metrics."""
-    from prometheus_client import multiprocess
+    from prometheus_client import multiprocess  # lazy: imported once PROMETHEUS_MULTIPROC_DIR is set
     multiprocess.mark_process_dead(worker.pid)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ REGION = "local"
 
 
 def _port_free(port: int) -> bool:
-    import socket
     with socket.socket() as sock:
         try:
             sock.bind(("0.0.0.0", port))
