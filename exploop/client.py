@@ -95,7 +95,7 @@ class PlatformClient(ApiClient):
         self.delete("/platform/lease", timeout=5)
 
     def claim(self, job_id: str, attempt: int, handout_id: str | None = None) -> dict:
-        body = {"attempt": attempt}
+        body: dict[str, object] = {"attempt": attempt}
         if handout_id:
             body["handout_id"] = handout_id
         return self.post(f"/platform/jobs/{job_id}/claim", body)
@@ -108,7 +108,7 @@ class PlatformClient(ApiClient):
 
     def progress(self, job_id: str, attempt: int, job_token: str, progress: int,
                  message: str | None = None) -> dict:
-        body = {"attempt": attempt, "progress": progress}
+        body: dict[str, object] = {"attempt": attempt, "progress": progress}
         if message:
             body["message"] = message[:255]
         return self.post(f"/platform/jobs/{job_id}/progress", body, headers={"X-Job-Token": job_token})

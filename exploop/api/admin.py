@@ -413,6 +413,7 @@ def cluster_info():
                                                    "capacity": 0})
         region[status] += 1
         if status in ("online", "draining"):
+            lease = lease or {}
             region["jobs_running"] += int(lease.get("jobs_running", 0))
             if status == "online":
                 region["capacity"] += int(lease.get("max_jobs") or agent.max_jobs)

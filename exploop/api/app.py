@@ -65,7 +65,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     _observe_requests(app)
     proxies = _non_negative_int(app, "PROXY_COUNT")
     if proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)  # type: ignore[method-assign]  # Flask's documented way
     return app
 
 

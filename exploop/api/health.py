@@ -45,4 +45,4 @@ def health():
     "text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
     """Prometheus metrics: request latency, job histograms, queue depth, jobs, agents, capacity."""
-    return Response(render_api_metrics(current_app._get_current_object()), mimetype=CONTENT_TYPE_LATEST)
+    return Response(render_api_metrics(current_app), mimetype=CONTENT_TYPE_LATEST)

@@ -551,7 +551,8 @@ class RegionInfo(Strict):
     draining = fields.Integer()
     offline = fields.Integer()
     disabled = fields.Integer()
-    unknown = fields.Integer()
+    # `unknown` is a Schema attribute: the field is named otherwise, serialised as "unknown".
+    unknown_status = fields.Integer(data_key="unknown", attribute="unknown")
     jobs_running = fields.Integer()
     capacity = fields.Integer()
 

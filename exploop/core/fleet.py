@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import secrets as _secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Protocol, cast
 
 from flask import current_app
 from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 
 from ..config import parse_duration
 from ..vocabulary import AgentStatus, DesiredState
@@ -35,7 +38,14 @@ def audit(actor: str, action: str, target: str | None = None, detail: str | None
     db.session.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
 
 
-def agent_status(agent: Agent, lease: dict | None) -> str:
+class AgentRecord(Protocol):
+    """What the status needs of an agent: a model or a row of these columns."""
+
+    disabled: bool
+    desired_state: str
+
+
+def agent_status(agent: AgentRecord, lease: dict | None) -> str:
     if agent.disabled:
         return "disabled"
     if lease is None:
@@ -43,7 +53,7 @@ def agent_status(agent: Agent, lease: dict | None) -> str:
     return AgentStatus.DRAINING if agent.desired_state == DesiredState.DRAINING else AgentStatus.ONLINE
 
 
-def describe_agents(agents: list[Agent]) -> list[dict]:
+def describe_agents(agents: Sequence[Agent]) -> list[dict]:
     """Agent records joined with their leases (one pipelined Redis read)."""
     leases = current_app.extensions["leases"].get_many([a.name for a in agents])
     now = utcnow()
@@ -113,10 +123,10 @@ def register_agent(data: dict) -> tuple[Agent, str]:
         raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
     _check_constraints(token, data)
     # Spend one use atomically: concurrent registrations cannot exceed max_uses.
-    spent = db.session.execute(update(BootstrapToken).where(
+    spent = cast(CursorResult, db.session.execute(update(BootstrapToken).where(
         BootstrapToken.id == token.id, BootstrapToken.uses < BootstrapToken.max_uses,
         BootstrapToken.revoked_at.is_(None), BootstrapToken.expires_at > utcnow(),
-    ).values(uses=BootstrapToken.uses + 1))
+    ).values(uses=BootstrapToken.uses + 1)))
     if spent.rowcount != 1:
         db.session.rollback()
         db.session.refresh(token)

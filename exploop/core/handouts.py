@@ -89,7 +89,7 @@ def poll_redis(app) -> redis_lib.Redis:
 
 def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) -> dict | None:
     """Block up to ``hold`` seconds for a message on ``queues``; record and return a handout."""
-    app = current_app._get_current_object()
+    app = current_app
     client = poll_redis(app)
     keys = current_app.extensions["broker"].layout.consume_order(queues)
     deadline_left = hold

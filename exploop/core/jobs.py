@@ -13,10 +13,12 @@ import json
 import logging
 import re
 from datetime import timedelta
+from typing import cast
 from urllib.parse import urlparse
 
 from flask import current_app
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
 
 from ..celery_app import declare_queue
 from ..config import parse_duration
@@ -193,9 +195,18 @@ def get_job(job_id: str, tenant_id: int | None = None) -> Job:
     return job
 
 
+def _execute(statement) -> CursorResult:
+    """Run an UPDATE; its result tells how many rows it changed (``rowcount``)."""
+    return cast(CursorResult, db.session.execute(statement))
+
+
+def _count(*where) -> int:
+    """Jobs matching ``where`` (one COUNT)."""
+    return db.session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+
+
 def _active_count(tenant_id: int) -> int:
-    return db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_(ADMITTED_STATUSES)))
+    return _count(Job.tenant_id == tenant_id, Job.status.in_(ADMITTED_STATUSES))
 
 
 def queue_position(job: Job) -> int | None:
@@ -203,16 +214,13 @@ def queue_position(job: Job) -> int | None:
     a pending job comes after everything queued there and the tenant's pending jobs that
     are admitted before it. None once the job runs or ended."""
     if job.status == JobStatus.QUEUED:
-        ahead = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region,
-            Job.queued_at < job.queued_at))
+        ahead = _count(Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region,
+                       Job.queued_at < job.queued_at)
         return ahead + 1
     if job.status == JobStatus.PENDING:
-        queued = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region))
-        before = db.session.scalar(select(func.count()).select_from(Job).where(
-            Job.tenant_id == job.tenant_id, Job.status == JobStatus.PENDING,
-            Job.admission_key < job.admission_key))
+        queued = _count(Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region)
+        before = _count(Job.tenant_id == job.tenant_id, Job.status == JobStatus.PENDING,
+                        Job.admission_key < job.admission_key)
         return queued + before + 1
     return None
 
@@ -224,6 +232,8 @@ def admit_pending(tenant_id: int) -> int:
     if has_pending is None:
         return 0
     tenant = db.session.get(Tenant, tenant_id)
+    if tenant is None:
+        return 0
     free = plan_limits(tenant)["max_concurrent"] - _active_count(tenant_id)
     if free <= 0:
         return 0
@@ -284,7 +294,7 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
     token = new_token(JOB_PREFIX)
     now = utcnow()
     grace = parse_duration(current_app.config["JOB_TOKEN_GRACE"], "JOB_TOKEN_GRACE")
-    result = db.session.execute(
+    result = _execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
                 progress_message=None, job_token_hash=hash_token(token),
@@ -440,7 +450,7 @@ def cancel(job: Job, actor: str) -> Job:
         raise ApiError(409, f"job {job.id} is {job.status}; only pending, queued or running jobs"
                             " can be cancelled", {"status": job.status})
     was = job.status
-    result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == was).values(
+    result = _execute(update(Job).where(Job.id == job.id, Job.status == was).values(
         status=JobStatus.CANCELLED, finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
     db.session.commit()
     db.session.refresh(job)

@@ -80,7 +80,7 @@ class LeaseStore:
             for key in keys:
                 pipe.ttl(key)
         values, *ttls = pipe.execute()
-        leases = {}
+        leases: dict[str, dict | None] = {}
         for i, (name, raw) in enumerate(zip(agents, values, strict=True)):
             if raw is None:
                 leases[name] = None

@@ -54,7 +54,10 @@ def _alembic_config():
 
 def head_revision() -> str:
     """The newest revision shipped with this code."""
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:  # a package built without its migrations/ folder
+        raise RuntimeError("no database migrations shipped with this installation")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
