@@ -316,14 +316,14 @@ def describe_job(job: dict) -> str:
 def describe_cluster(info: dict, api_url: str) -> str:
     """``exploop-admin cluster-info``: dependencies, agents, capacity, queues and jobs."""
     agents, capacity, jobs = info["agents"], info["capacity"], info["jobs"]
-    statuses = ", ".join(f"{count} {status}" for status, count in sorted(agents["by_status"].items()))
+    by_status = ", ".join(f"{count} {status}" for status, count in sorted(agents["by_status"].items()))
     used, total = capacity["used"], capacity["total"]
     percent = f" ({100 * used // total}%)" if total else ""
     out = fields([
         ("API", f"{info['api']} ({api_url}, version {info.get('version', _NONE)})"),
         ("Database", info["database"]),
         ("Redis", info["redis"]),
-        ("Agents", f"{agents['total']}" + (f" ({statuses})" if statuses else "")),
+        ("Agents", f"{agents['total']}" + (f" ({by_status})" if by_status else "")),
         ("Capacity", f"{used}/{total} job slots in use{percent}"),
     ])
     regions = agents["by_region"]

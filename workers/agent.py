@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,9 +24,15 @@ from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import AgentSettings, ConfigError
 from exploop.logs import setup_logging
 from exploop.routing import queues_for
+from exploop.vocabulary import DesiredState
 
 from .bootsteps import DesiredStateStep, LeaseStep
 from .tasks import register_tasks
+
+if TYPE_CHECKING:
+    from exploop.metrics import AgentMetrics
+
+    from .lease_manager import LeaseManager
 
 logger = logging.getLogger("exploop.agent")
 
@@ -46,21 +53,21 @@ class AgentRuntime:
     max_jobs: int
     heartbeat_interval: float
     host: str
-    desired_state: str = "active"
+    client: PlatformClient = field(repr=False)
+    desired_state: str = DesiredState.ACTIVE
     version: str = __version__
     # Simulated scans (benchmarks and fleet tests only): sleep this long, report no findings.
     simulated_scan_seconds: float | None = None
     auth_failed: bool = False
-    lease_manager: object = None
-    metrics: object = None  # exploop.metrics.AgentMetrics, main process only
-    client: PlatformClient = field(default=None, repr=False)
+    lease_manager: LeaseManager | None = None
+    metrics: AgentMetrics | None = None  # main process only
 
     @property
     def queues(self) -> list[str]:
         return queues_for(self.capabilities, self.region)
 
     def status(self) -> str:
-        return "draining" if self.desired_state == "draining" else "active"
+        return DesiredState.DRAINING if self.desired_state == DesiredState.DRAINING else DesiredState.ACTIVE
 
 
 def _fail(message: str, code: int = 1):
@@ -174,7 +181,7 @@ def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
         return 1.0 if manager is not None and manager.lease_remaining() > 0 and not runtime.auth_failed else 0.0
 
     metrics.status.set_function(lease_valid)
-    metrics.draining.set_function(lambda: 1.0 if runtime.desired_state == "draining" else 0.0)
+    metrics.draining.set_function(lambda: 1.0 if runtime.desired_state == DesiredState.DRAINING else 0.0)
     metrics.lease_ttl.set_function(
         lambda: runtime.lease_manager.lease_remaining() if runtime.lease_manager else 0.0)
     from .bootsteps import running_jobs

@@ -27,7 +27,7 @@ class LeaseManager:
     def __init__(self, client: PlatformClient, interval: float, report: Callable[[], dict],
                  apply_state: Callable[[str], None], on_auth_failure: Callable[[], None],
                  observe_latency: Callable[[float], None] = lambda seconds: None,
-                 after_renewal: Callable[[], None] = lambda: None):
+                 after_renewal: Callable[[], object] = lambda: None):
         self.client = client
         self.observe_latency = observe_latency
         self.after_renewal = after_renewal

@@ -111,7 +111,8 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     try:
         if runtime.simulated_scan_seconds is not None:  # benchmarks and fleet tests only
             _simulate(client, spec, runtime.simulated_scan_seconds)
-            findings, summary = [], {"engines": [], "simulated": True}
+            findings: list[dict] = []
+            summary: dict = {"engines": [], "simulated": True}
         else:
             findings, summary = _scan(client, spec, started + spec["time_limit"])
     except JobCancelled:

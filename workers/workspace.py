@@ -92,7 +92,8 @@ def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: s
                     proc.communicate()
                     raise JobTimeout(f"job timeout during {what}: time limit reached after "
                                      f"{remaining:.0f}s, process group killed") from None
-                check()  # raising here kills the group (finally) and ends the job
+                if check is not None:
+                    check()  # raising here kills the group (finally) and ends the job
     finally:
         # Whatever happened, nothing the scanner started may outlive it.
         _kill_group(proc.pid)
@@ -180,6 +181,7 @@ class Workspace:
         return self.git("rev-parse", "HEAD", what="git rev-parse").strip()
 
     def _check_size(self, shown: str) -> None:
+        assert self.size_limit is not None  # called only with a limit set
         """Refuse a repository whose history or tree is over the limit, before checkout."""
         stats = dict(line.split(": ", 1) for line in
                      self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)

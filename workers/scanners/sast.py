@@ -66,7 +66,9 @@ def run_bandit(root: str, files: list[str], cache: dict) -> tuple[list[dict], di
     """bandit on the tracked Python files; its JSON report mapped onto findings."""
     targets = [f for f in files if f.endswith((".py", ".pyw"))
                and not os.path.islink(os.path.join(root, f))]  # never read outside the checkout
-    findings, errors, skipped = [], [], 0
+    findings: list[dict] = []
+    errors: list[dict] = []
+    skipped = 0
     batch: list[str] = []
     batches = []
     for path in targets:

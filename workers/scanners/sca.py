@@ -114,8 +114,8 @@ def parse_poetry(text: str, path: str) -> list[Package]:
         source = entry.get("source") or {}
         if source.get("type") in ("git", "directory", "file", "url"):
             continue  # not a registry release: the version says nothing about advisories
-        line = name_lines[n] if n < len(name_lines) else 1
-        packages.append(Package("PyPI", entry["name"], str(entry["version"]), path, line))
+        line_number = name_lines[n] if n < len(name_lines) else 1
+        packages.append(Package("PyPI", entry["name"], str(entry["version"]), path, line_number))
     return packages
 
 
@@ -224,9 +224,10 @@ def parse_go_mod(text: str, path: str) -> list[Package]:
     for module, version, number in requires:
         target = replaces.get((module, version)) or replaces.get((module, None))
         if target is not None:
-            module, version = target
-            if version is None:
+            module, replaced_by = target
+            if replaced_by is None:
                 continue  # replaced by a local directory
+            version = replaced_by
         packages.append(Package("Go", module, version, path, number))
     return packages
 

@@ -20,8 +20,12 @@ import re
 import shutil
 import subprocess
 import tempfile
+from typing import TYPE_CHECKING
 
 from .common import ScanError, fingerprint, run_main
+
+if TYPE_CHECKING:
+    from detect_secrets.core.potential_secret import PotentialSecret
 
 __all__ = ["scan", "ENGINE", "mask"]
 
@@ -71,7 +75,7 @@ def _git(root: str, *args: str) -> str:
     return proc.stdout
 
 
-def _detect(paths: list[str], root: str, processes: int) -> list[tuple[str, object]]:
+def _detect(paths: list[str], root: str, processes: int) -> list[tuple[str, PotentialSecret]]:
     """detect-secrets over ``paths`` (relative to ``root``); (path, PotentialSecret) pairs."""
     from detect_secrets import SecretsCollection
     from detect_secrets.settings import default_settings
@@ -115,7 +119,7 @@ def _history_blobs(root: str) -> list[tuple[str, str, str]]:
                "--diff-merges=separate", "--format=commit %H", "-z", "HEAD")
     first: dict[tuple[str, str], str] = {}
     tokens = out.split("\0")
-    commit = None
+    commit = ""
     i = 0
     while i < len(tokens):
         token = tokens[i].lstrip("\n")
@@ -147,6 +151,7 @@ def scan_history(root: str, tree_findings: list[dict], processes: int = 1) -> li
         mapping: dict[str, tuple[str, str]] = {}
         with subprocess.Popen(["git", "cat-file", "--batch"], cwd=root, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE) as cat:
+            assert cat.stdin is not None and cat.stdout is not None  # both are pipes
             for n, (path, blob, commit) in enumerate(old):
                 cat.stdin.write(f"{blob}\n".encode())
                 cat.stdin.flush()
