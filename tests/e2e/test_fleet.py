@@ -156,7 +156,8 @@ def test_a_burst_from_one_tenant_does_not_starve_another(stack):
     stack.start_api()
     stack.start_controller()
     tenant_a, tenant_b = stack.tenant("tenant-a"), stack.tenant("tenant-b")
-    stack.start_agent("agent-a", EXPLOOP_SIMULATED_SCAN="0.1s", MAX_CONCURRENT_JOBS="4")
+    # 1 s scans: A's backlog takes 25 s or more, longer than submitting it, however slow the host.
+    stack.start_agent("agent-a", EXPLOOP_SIMULATED_SCAN="1s", MAX_CONCURRENT_JOBS="4")
     stack.wait_agent_online("agent-a")
     a_jobs = [stack.submit(tenant_a) for _ in range(100)]
     b_jobs = [stack.submit(tenant_b) for _ in range(5)]

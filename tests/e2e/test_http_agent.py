@@ -167,7 +167,8 @@ def test_kill_9_http_agent_mid_job_completes_elsewhere_once(stack):
     stack.start_api()
     stack.start_controller()
     tenant = stack.tenant()
-    first = stack.start_agent("http-a", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="3s",
+    # http-a's scan outlasts the test: it is still running when http-a is killed, however slow the host.
+    first = stack.start_agent("http-a", AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="120s",
                               MAX_CONCURRENT_JOBS="1", POLL_TIMEOUT="5s")
     stack.wait_agent_online("http-a")
     job_id = stack.submit(tenant)
