@@ -32,7 +32,7 @@ PAGE_SIZE = 500
 #: The API validates these too; here they give usage errors and shell completion
 #: without importing the server's models (tests keep the two lists equal).
 JOB_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
-AGENT_STATUSES = ("online", "draining", "offline", "disabled")
+AGENT_STATUSES = ("online", "draining", "disabled", "stopping", "offline")
 
 _CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -535,6 +535,39 @@ def uncordon_agent(session, name, output_format):
     """Uncordon an agent: it takes new jobs again."""
     view = session.client.post(_path("agents", name, "uncordon"))
     _print_doc(view, output_format, f"agent/{view['name']} uncordoned: takes new jobs")
+
+
+@main.group(cls=AliasGroup, aliases={"agents": "agent"})
+def disable():
+    """Switch an agent off (the hard stop; `drain` is the graceful one)."""
+
+
+@disable.command("agent")
+@click.argument("name", shell_complete=_complete_agents)
+@_doc_output
+@click.pass_obj
+def disable_agent(session, name, output_format):
+    """Disable an agent: its lease and claims are refused, its running jobs requeued at once."""
+    before = session.client.get(_path("agents", name))
+    view = session.client.post(_path("agents", name, "disable"))
+    running = before["jobs_running"]
+    _print_doc(view, output_format, f"agent/{view['name']} disabled: takes no jobs until enabled"
+               + (f"; {running} running job{'s' * (running != 1)} requeued" if running else ""))
+
+
+@main.group(cls=AliasGroup, aliases={"agents": "agent"})
+def enable():
+    """Switch a disabled agent back on."""
+
+
+@enable.command("agent")
+@click.argument("name", shell_complete=_complete_agents)
+@_doc_output
+@click.pass_obj
+def enable_agent(session, name, output_format):
+    """Enable a disabled agent: it takes jobs again from its next lease renewal."""
+    view = session.client.post(_path("agents", name, "enable"))
+    _print_doc(view, output_format, f"agent/{view['name']} enabled: takes jobs from its next renewal")
 
 
 @main.group(cls=AliasGroup, aliases={"agents": "agent"})

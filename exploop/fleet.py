@@ -1,8 +1,14 @@
 """Agents: registration, credentials, leases and the status operators see.
 
 Status is derived, never stored: ``online`` = lease present and desired state
-active; ``draining`` = lease present and desired state draining; ``offline`` =
-no lease; ``disabled`` = switched off by an admin.
+active; ``draining`` = lease present and desired state draining; ``stopping`` =
+lease present and the agent announced a graceful stop; ``offline`` = no lease
+(crashed, cut off, or stopped: ``stopped_at`` says which); ``disabled`` = switched
+off by an admin.
+
+Each start of an agent is an incarnation: an id sent with every renewal and claim.
+A new one means the previous process is gone, so the jobs it held are requeued at
+once; so is a job the agent reports it lost (a pool child that died mid-job).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from flask import current_app
 from sqlalchemy import select, update
 
+from . import jobs
 from .config import parse_duration
 from .errors import ApiError
 from .extensions import db
@@ -22,7 +29,8 @@ from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, sec
 logger = logging.getLogger(__name__)
 
 __all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
-           "renew_lease_cached", "forget_agent", "lease_ttl",
+           "renew_lease_cached", "forget_agent", "lease_ttl", "release_lease",
+           "AGENT_STATUSES",
            "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
 
 #: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
@@ -34,11 +42,18 @@ def audit(actor: str, action: str, target: str | None = None, detail: str | None
     db.session.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
 
 
+#: Every status an agent can show (metrics carry all of them, alert rules match them).
+AGENT_STATUSES = ("online", "draining", "disabled", "stopping", "offline")
+
+
 def agent_status(agent: Agent, lease: dict | None) -> str:
+    """The status operators see, from the record and the lease (see the module docstring)."""
     if agent.disabled:
         return "disabled"
     if lease is None:
         return "offline"
+    if lease.get("status") == "stopping":
+        return "stopping"
     return "draining" if agent.desired_state == "draining" else "online"
 
 
@@ -61,6 +76,7 @@ def describe_agents(agents: list[Agent]) -> list[dict]:
             "max_jobs": int((lease or {}).get("max_jobs") or agent.max_jobs),
             "running_jobs": list(lease.get("running_jobs", [])) if lease else [],
             "desired_state": agent.desired_state,
+            "stopped_at": agent.stopped_at if lease is None else None,
             "lease_ttl": lease["ttl"] if lease else None,
             "last_seen": last_seen,
             "last_seen_seconds": int((now - last_seen).total_seconds()) if last_seen else None,
@@ -176,7 +192,10 @@ def lease_ttl(body: dict) -> float:
 
 
 def renew_lease_cached(key_hash: str, body: dict) -> dict | None:
-    """The hot path: renew through the Redis identity cache, no database; None on a miss."""
+    """The hot path: renew through the Redis identity cache, no database; None on a miss
+    (and for a renewal that reports lost jobs, which the database path requeues)."""
+    if body.get("lost_jobs"):
+        return None
     ttl = lease_ttl(body)
     identity = current_app.extensions["leases"].renew_by_key(key_hash, body, ttl)
     if identity is None:
@@ -199,10 +218,17 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     """
     ttl = lease_ttl(body)
     leases = current_app.extensions["leases"]
+    if body.get("incarnation"):
+        jobs.adopt_incarnation(agent, body["incarnation"])
+    jobs.requeue_lost(agent, body.get("lost_jobs") or [])
+    body = {k: v for k, v in body.items() if k != "lost_jobs"}
     leases.renew(agent.name, body, ttl)
     now = utcnow()
     changed = {k: body[k] for k in ("version", "host", "nodename")
                if body.get(k) and body[k] != getattr(agent, k)}
+    if agent.stopped_at is not None:
+        agent.stopped_at = None
+        db.session.commit()
     if changed or agent.last_seen is None or agent.lease_expired_at is not None \
             or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
         for key, value in changed.items():
@@ -215,3 +241,11 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     leases.remember(agent.key_hash, {"name": agent.name, "desired_state": agent.desired_state},
                     LAST_SEEN_WRITE_INTERVAL.total_seconds())
     return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}
+
+
+def release_lease(agent: Agent) -> None:
+    """A graceful stop: drop the lease, remember the agent stopped (no "lease expired" alert)."""
+    current_app.extensions["leases"].release(agent.name)
+    agent.stopped_at = utcnow()
+    db.session.commit()
+    logger.info("agent stopped agent=%s", agent.name)

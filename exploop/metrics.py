@@ -54,7 +54,7 @@ class FleetCollector:
 
         from .celery_app import queue_depths
         from .extensions import db
-        from .fleet import describe_agents
+        from .fleet import AGENT_STATUSES, describe_agents
         from .models import JOB_STATUSES, Agent, Job
         from .routing import queues_for
 
@@ -78,13 +78,15 @@ class FleetCollector:
             for view in views:
                 by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
-                if view["status"] in ("online", "draining"):
+                if view["status"] in ("online", "draining", "stopping"):
                     slots[view["region"]][0] += view["jobs_running"]
                 if view["status"] == "online":
                     slots[view["region"]][1] += view["max_jobs"]
                 queues.update(queues_for(view["capabilities"], view["region"]))
-            for (status, region), n in sorted(by_key.items()):
-                agents.add_metric([status, region], n)
+            # Every status for every region, zeros included: alert rules match on them.
+            for region in sorted({region for _, region in by_key}):
+                for status in AGENT_STATUSES:
+                    agents.add_metric([status, region], by_key.get((status, region), 0))
             for region, (used, total) in sorted(slots.items()):
                 running.add_metric([region], used)
                 capacity.add_metric([region], total)

@@ -48,6 +48,11 @@ class Agent(db.Model):
     last_seen = db.Column(db.DateTime)
     # Set by the controller when it finds the lease gone (logged once), cleared on renewal.
     lease_expired_at = db.Column(db.DateTime)
+    # The agent's current start (an id it sends with every renewal and claim): a new one means
+    # the previous process is gone, and the jobs it held are requeued at once.
+    incarnation = db.Column(db.String(64))
+    # Set when the agent announced a graceful stop (released its lease); cleared on renewal.
+    stopped_at = db.Column(db.DateTime)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
 
     @property
@@ -107,6 +112,7 @@ class Job(db.Model):
     time_limit = db.Column(db.Integer, nullable=False)  # seconds
     agent_id = db.Column(db.Integer, db.ForeignKey("agents.id", ondelete="SET NULL"), index=True)
     agent_name = db.Column(db.String(100))  # kept when the agent record is deleted
+    incarnation = db.Column(db.String(64))  # the agent start that claimed the current attempt
     idempotency_key = db.Column(db.String(255))
     progress = db.Column(db.Integer, nullable=False, default=0)
     progress_message = db.Column(db.String(255))

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from admin.cli import AGENT_STATUSES, JOB_STATUSES, main
 from exploop.client import ApiClientError, PlatformClient
+from exploop.fleet import AGENT_STATUSES as FLEET_AGENT_STATUSES
 from exploop.models import JOB_STATUSES as MODEL_JOB_STATUSES
 from exploop.procs import free_port, script
 
@@ -128,7 +129,7 @@ def test_missing_token_says_where_to_get_one():
 
 def test_cli_status_choices_match_the_api():
     assert JOB_STATUSES == MODEL_JOB_STATUSES
-    assert set(AGENT_STATUSES) == {"online", "draining", "offline", "disabled"}
+    assert AGENT_STATUSES == FLEET_AGENT_STATUSES
 
 
 # --- bootstrap tokens -------------------------------------------------------------------
