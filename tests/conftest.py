@@ -244,6 +244,37 @@ def stack(tmp_path, database_url, redis_url):
     s.stop()
 
 
+class RestartableRedis:
+    """A private redis-server a test may restart (empty, as a Redis without persistence comes back)."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = tmp / f"redis-{self.port}.log"
+        self.child = start_redis(self.port, self.log_path)
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    def start(self) -> None:
+        self.child = start_redis(self.port, self.log_path)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = RestartableRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis_stack(tmp_path, database_url, own_redis):
+    """A stack on its own Redis (``own_redis``), for tests that stop or restart Redis."""
+    s = Stack(tmp_path, database_url, own_redis.url)
+    yield s
+    s.stop()
+
+
 def make_git_repo(path: Path, files: dict[str, str]) -> str:
     """A git repository with ``files`` committed; returns its file:// URL."""
     path.mkdir(parents=True, exist_ok=True)

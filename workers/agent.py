@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+from celery.signals import worker_process_init
 
 from exploop import __version__
 from exploop.celery_app import make_celery
@@ -26,6 +27,7 @@ from exploop.logs import setup_logging
 from exploop.routing import queues_for
 
 from .bootsteps import DesiredStateStep, LeaseStep
+from .lifeline import die_with_parent
 from .tasks import register_tasks
 from .workspace import sweep_workspaces, workspace_root
 
@@ -220,6 +222,8 @@ def run(settings: AgentSettings) -> int:
     app.exploop_settings = settings
     register_tasks(app)
     app.steps["worker"].add(LeaseStep)
+    # Pool children die with the main process (kill -9 included), and their scanners with them.
+    worker_process_init.connect(lambda **kw: die_with_parent(runtime.main_pid), weak=False)
     app.steps["consumer"].add(DesiredStateStep)
     nodename = f"{runtime.name}@{runtime.host}"
     logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s incarnation=%s",
