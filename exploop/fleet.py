@@ -196,6 +196,7 @@ def renew_lease_cached(key_hash: str, body: dict) -> dict | None:
     (and for a renewal that reports lost jobs, which the database path requeues)."""
     if body.get("lost_jobs"):
         return None
+    body = {k: v for k, v in body.items() if k != "lost_jobs"}
     ttl = lease_ttl(body)
     identity = current_app.extensions["leases"].renew_by_key(key_hash, body, ttl)
     if identity is None:

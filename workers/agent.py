@@ -184,6 +184,8 @@ def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
 
     metrics.status.set_function(lease_valid)
     metrics.draining.set_function(lambda: 1.0 if runtime.desired_state == "draining" else 0.0)
+    metrics.disabled.set_function(
+        lambda: 1.0 if getattr(runtime.lease_manager, "disabled", False) else 0.0)
     metrics.lease_ttl.set_function(
         lambda: runtime.lease_manager.lease_remaining() if runtime.lease_manager else 0.0)
     from .bootsteps import running_jobs

@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 
@@ -102,7 +102,10 @@ class LeaseManager:
             if exc.status == 403 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "disabled":
                 self.failures = 0  # the API answers: renew at the normal pace, no backoff
                 if not self.disabled:
-                    logger.error("agent disabled by an admin: taking no jobs until enabled (%s)", exc.message)
+                    # "authentication failed" keeps the runbook's pattern and its advice ("check if
+                    # admin disabled agent") true; the rest of the line says it is that.
+                    logger.error("authentication failed: agent disabled by an admin; taking no jobs until"
+                                 " enabled (%s)", exc.message)
                     self.disabled = True
                     self.hold(True)
                 return False

@@ -47,7 +47,7 @@ class TcpProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._server.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
