@@ -163,8 +163,9 @@ class Controller:
 
     def _outage_grace(self, agent: Agent, now: float, last_any: float | None, resumed: float | None) -> bool:
         """Whether to wait before calling this agent dead: the silence may be the fleet's."""
+        # Unknown to this controller (it just started): the record's last_seen, else long ago.
         renewed_at, ttl, heartbeat = self.seen.get(agent.name) or (
-            agent.last_seen.replace(tzinfo=UTC).timestamp() if agent.last_seen else now, 0.0, 30.0)
+            agent.last_seen.replace(tzinfo=UTC).timestamp() if agent.last_seen else 0.0, 0.0, 30.0)
         ttl = ttl or 3 * heartbeat
         if last_any is None:  # Redis lost its keys (restart, FLUSHALL): give renewals one TTL
             if now < (self.keys_lost_since or now) + ttl:
