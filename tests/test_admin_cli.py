@@ -419,7 +419,8 @@ def test_cluster_info(live):
     assert re.fullmatch(r"\d+/\d+ job slots in use( \(\d+%\))?", fields["Capacity"])
     region = columns([line for line in out.splitlines() if line.startswith("us-east-1 ")][0])
     header = columns(lines_of(out, "REGION")[0])
-    assert header == ["REGION", "ONLINE", "DRAINING", "OFFLINE", "DISABLED", "JOBS"] and region[0] == "us-east-1"
+    assert header == ["REGION", "ONLINE", "DRAINING", "STOPPING", "OFFLINE", "DISABLED", "JOBS"]
+    assert region[0] == "us-east-1"
     queue = row_of(out, "sca.us-east-1")
     assert int(queue[1]) >= 1  # the job waits in its queue: no real agent consumes it
     for label in ("Pending:", "Queued:", "Running:", "Failed (24h):", "Completed (24h):"):

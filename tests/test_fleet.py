@@ -33,7 +33,8 @@ def test_kill_9_mid_job_completes_on_another_agent_once(stack, redis_client):
     stack.start_api()
     stack.start_controller()
     tenant = stack.tenant()
-    first = stack.start_agent("agent-a", EXPLOOP_SIMULATED_SCAN="3s", MAX_CONCURRENT_JOBS="1")
+    # Long enough to be still running once agent-b is up, on a loaded machine too.
+    first = stack.start_agent("agent-a", EXPLOOP_SIMULATED_SCAN="30s", MAX_CONCURRENT_JOBS="1")
     stack.wait_agent_online("agent-a")
     job_id = stack.submit(tenant)
     assert stack.wait_for(lambda: running_on(stack, job_id), 20, "job running") == "agent-a"
