@@ -192,8 +192,9 @@ class Controller:
         timed_out = 0
         for job in db.session.scalars(select(Job).where(Job.status == "running")).all():
             if job.started_at and job.started_at + timedelta(seconds=job.time_limit) + TIMEOUT_GRACE < now:
-                logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
-                               job.id, job.attempt, job.agent_name)
+                if job.attempt < job.max_attempts:  # the last one: requeue logs "job failed permanently"
+                    logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
+                                   job.id, job.attempt, job.agent_name)
                 jobs.requeue(job, f"job timeout after {job.time_limit}s on agent {job.agent_name}")
                 timed_out += 1
         return timed_out
