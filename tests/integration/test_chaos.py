@@ -14,7 +14,7 @@ from tests.support.fleet import completions, executions
 
 pytestmark = pytest.mark.e2e
 
-JOBS = 30
+JOBS = 20
 OUTAGE = 5.0  # seconds: longer than the lease TTL (3 x 1s heartbeat)
 
 
@@ -57,7 +57,7 @@ def test_an_outage_mid_run_loses_no_job_and_runs_none_twice(own_redis_stack, own
         stack.start_agent(name, EXPLOOP_SIMULATED_SCAN="1s", MAX_CONCURRENT_JOBS="2")
     stack.wait_agent_online(count=2)
     job_ids = [stack.submit(tenant) for _ in range(JOBS)]
-    stack.wait_for(lambda: counts(stack, job_ids).get("completed", 0) >= 6, 60, "first jobs done")
+    stack.wait_for(lambda: counts(stack, job_ids).get("completed", 0) >= 4, 60, "first jobs done")
     running = [j for j in job_ids if stack.job(j)["status"] == "running"]
     fault(stack, own_redis)
     restored = time.monotonic()

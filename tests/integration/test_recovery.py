@@ -97,6 +97,8 @@ def test_an_agent_cut_off_from_the_api_fences_itself_until_it_renews(stack):
             stack.wait_job(tenant, job_id)
         proxy.cut()
         stack.wait_for(lambda: "lease expired: no renewal" in cut_off.output(), 30, "agent-a fenced")
+        # agent-b renews all along: agent-a's silence is its own, not an outage.
+        stack.wait_for(lambda: "lease expired agent=agent-a" in stack.controller.output(), 30, "expired")
         fenced_log = len(cut_off.output())
         during = [stack.submit(tenant) for _ in range(10)]
         for job_id in during:
