@@ -537,6 +537,40 @@ def uncordon_agent(session, name, output_format):
 
 
 @main.group(cls=AliasGroup, aliases={"agents": "agent"})
+def disable():
+    """Switch an agent off (the hard stop; `drain` is the graceful one)."""
+
+
+@disable.command("agent")
+@click.argument("name", shell_complete=_complete_agents)
+@_doc_output
+@click.pass_obj
+def disable_agent(session, name, output_format):
+    """Disable an agent: its lease and claims are refused, its running jobs requeued at once."""
+    # Running jobs from the job records (the lease body lags a heartbeat).
+    running = session.client.get("/admin/v1/jobs", params={"agent": name, "status": "running",
+                                                          "per_page": 1})["total"]
+    view = session.client.post(_path("agents", name, "disable"))
+    _print_doc(view, output_format, f"agent/{view['name']} disabled: takes no jobs until enabled"
+               + (f"; {running} running job{'s' * (running != 1)} requeued" if running else ""))
+
+
+@main.group(cls=AliasGroup, aliases={"agents": "agent"})
+def enable():
+    """Switch a disabled agent back on."""
+
+
+@enable.command("agent")
+@click.argument("name", shell_complete=_complete_agents)
+@_doc_output
+@click.pass_obj
+def enable_agent(session, name, output_format):
+    """Enable a disabled agent: it takes jobs again from its next lease renewal."""
+    view = session.client.post(_path("agents", name, "enable"))
+    _print_doc(view, output_format, f"agent/{view['name']} enabled: takes jobs from its next renewal")
+
+
+@main.group(cls=AliasGroup, aliases={"agents": "agent"})
 def delete():
     """Delete an agent record."""
 

@@ -228,7 +228,8 @@ def describe_agent(agent: dict) -> str:
     """``exploop-admin describe agent``: one agent's state, load, lease and recent jobs."""
     out = fields([
         ("Name", agent["name"]),
-        ("Status", agent["status"]),
+        ("Status", agent["status"] + (f" (stopped {_when(agent['stopped_at'])})"
+                                       if agent.get("stopped_at") and agent["status"] == "offline" else "")),
         ("Desired", agent["desired_state"]),
         ("Region", agent["region"]),
         ("Capabilities", _text(agent["capabilities"])),
@@ -328,7 +329,7 @@ def describe_cluster(info: dict, api_url: str) -> str:
     ])
     regions = agents["by_region"]
     if regions:
-        statuses = ["online", "draining", "offline", "disabled"]
+        statuses = ["online", "draining", "stopping", "offline", "disabled"]
         if any(r.get("unknown") for r in regions.values()):
             statuses.append("unknown")
         rows = [[name, *(str(r.get(s, 0)) for s in statuses), f"{r['jobs_running']}/{r['capacity']}"]

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from exploop.run.children import Child, free_port, script, start_redis, wait_http  # noqa: E402
 
 BODY = {"status": "active", "running_jobs": [], "jobs_running": 0, "max_jobs": 5,
-        "version": "bench", "host": "bench", "heartbeat_interval": 30}
+        "version": "bench", "host": "bench", "heartbeat_interval": 30,
+        "incarnation": "0123456789abcdef0123456789abcdef"}  # as every agent sends: the hot path compares it
 
 
 def _client_process(port: int, keys: list[str], seconds: float, queue) -> None:

@@ -94,10 +94,13 @@ class PlatformClient(ApiClient):
     def release_lease(self) -> None:
         self.delete("/platform/lease", timeout=5)
 
-    def claim(self, job_id: str, attempt: int, handout_id: str | None = None) -> dict:
+    def claim(self, job_id: str, attempt: int, handout_id: str | None = None,
+              incarnation: str | None = None) -> dict:
         body: dict[str, object] = {"attempt": attempt}
         if handout_id:
             body["handout_id"] = handout_id
+        if incarnation:
+            body["incarnation"] = incarnation
         return self.post(f"/platform/jobs/{job_id}/claim", body)
 
     def poll(self, timeout: float) -> dict | None:

@@ -76,6 +76,8 @@ class AgentMetrics:
 
         self.status = gauge("exploop_agent_status", "1 when the agent holds a valid lease, else 0.")
         self.draining = gauge("exploop_agent_draining", "1 while the agent is drained (takes no new jobs).")
+        self.disabled = gauge("exploop_agent_disabled", "1 while an admin has disabled the agent (its lease is"
+                              " refused: exploop_agent_status is 0 by decision, not by fault).")
         self.jobs_running = gauge("exploop_agent_jobs_running", "Jobs running on this agent.")
         self.max_jobs = gauge("exploop_agent_max_jobs", "Jobs this agent runs at most at once.")
         self.lease_ttl = gauge("exploop_agent_lease_ttl_seconds", "Seconds left on this agent's lease.")

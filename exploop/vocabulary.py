@@ -33,10 +33,11 @@ class DesiredState(StrEnum):
 class AgentStatus(StrEnum):
     """An agent as operators see it (from its lease and its record)."""
 
-    ONLINE = "online"
-    DRAINING = "draining"
-    DISABLED = "disabled"
-    OFFLINE = "offline"
+    ONLINE = "online"  # lease present, desired state active
+    DRAINING = "draining"  # lease present, takes no new jobs
+    DISABLED = "disabled"  # an admin decision: leases and claims refused
+    STOPPING = "stopping"  # a graceful stop the agent announced, until it exits
+    OFFLINE = "offline"  # no lease: crashed, cut off, or stopped
 
 
 #: Plain strings, for click choices, schema validation and the OpenAPI enum.

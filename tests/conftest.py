@@ -14,7 +14,7 @@ from exploop.api.app import create_app, init_db
 from exploop.core.extensions import db
 from exploop.run.children import free_port, start_redis
 from tests.support.databases import add_admin_token, add_tenant, fresh_database_url
-from tests.support.stack import Stack
+from tests.support.stack import RestartableRedis, Stack
 
 
 @pytest.fixture(scope="session")
@@ -102,5 +102,21 @@ def tenant_key(make_tenant):
 def stack(tmp_path, database_url, redis_url):
     """A real API (started by the test with ``stack.start_api()``), controller and agents."""
     s = Stack(tmp_path, database_url, redis_url)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A private Redis the test may stop and restart (empty, like a Redis without persistence)."""
+    server = RestartableRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis_stack(tmp_path, database_url, own_redis):
+    """A stack on its own Redis (``own_redis``), for tests that stop or restart Redis."""
+    s = Stack(tmp_path, database_url, own_redis.url)
     yield s
     s.stop()

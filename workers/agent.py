@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from celery.signals import worker_process_init
 
 from exploop import __version__
 from exploop.celery_app import make_celery
@@ -27,7 +29,9 @@ from exploop.routing import queues_for
 from exploop.vocabulary import DesiredState
 
 from .bootsteps import DesiredStateStep, LeaseStep
+from .lifeline import die_with_parent
 from .tasks import register_tasks
+from .workspace import sweep_workspaces, workspace_root
 
 if TYPE_CHECKING:
     from exploop.metrics import AgentMetrics
@@ -59,6 +63,11 @@ class AgentRuntime:
     # Simulated scans (benchmarks and fleet tests only): sleep this long, report no findings.
     simulated_scan_seconds: float | None = None
     auth_failed: bool = False
+    # This start of the agent: sent with every renewal and claim, so the API requeues at
+    # once what a previous start (killed, crashed) was running.
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
+    main_pid: int = field(default_factory=os.getpid)  # prefork children tell the main process apart
+    workspace_dir: Path | None = None  # job checkouts; swept at start
     lease_manager: LeaseManager | None = None
     metrics: AgentMetrics | None = None  # main process only
 
@@ -182,6 +191,8 @@ def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
 
     metrics.status.set_function(lease_valid)
     metrics.draining.set_function(lambda: 1.0 if runtime.desired_state == DesiredState.DRAINING else 0.0)
+    metrics.disabled.set_function(
+        lambda: 1.0 if getattr(runtime.lease_manager, "disabled", False) else 0.0)
     metrics.lease_ttl.set_function(
         lambda: runtime.lease_manager.lease_remaining() if runtime.lease_manager else 0.0)
     from .bootsteps import running_jobs
@@ -195,8 +206,20 @@ def start_metrics(settings: AgentSettings, runtime: AgentRuntime) -> None:
     logger.info("metrics on :%d/metrics", settings.metrics_port)
 
 
+def sweep(runtime: AgentRuntime) -> None:
+    """Remove checkouts a previous run of this agent left (it was killed mid-job)."""
+    runtime.workspace_dir = workspace_root(runtime.name)
+    try:
+        removed = sweep_workspaces(runtime.workspace_dir)
+    except OSError as exc:
+        raise ConfigError(f"TMPDIR: cannot prepare {runtime.workspace_dir}: {exc.strerror}") from None
+    if removed:
+        logger.warning("removed %d checkout(s) left by a previous run dir=%s", removed, runtime.workspace_dir)
+
+
 def run(settings: AgentSettings) -> int:
     runtime, config = build_runtime(settings)
+    sweep(runtime)
     start_metrics(settings, runtime)
     if settings.transport == "http":  # HTTPS only: no broker connection at all
         from .http_agent import run_http
@@ -209,11 +232,13 @@ def run(settings: AgentSettings) -> int:
     app.exploop_settings = settings
     register_tasks(app)
     app.steps["worker"].add(LeaseStep)
+    # Pool children die with the main process (kill -9 included), and their scanners with them.
+    worker_process_init.connect(lambda **kw: die_with_parent(runtime.main_pid), weak=False)
     app.steps["consumer"].add(DesiredStateStep)
     nodename = f"{runtime.name}@{runtime.host}"
-    logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s",
+    logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s incarnation=%s",
                 runtime.name, runtime.region, ",".join(runtime.queues), runtime.max_jobs,
-                runtime.desired_state)
+                runtime.desired_state, runtime.incarnation)
     worker = app.Worker(hostname=nodename, queues=runtime.queues, concurrency=runtime.max_jobs,
                         pool_cls="prefork", loglevel=settings.log_level, without_mingle=True,
                         without_gossip=True, optimization="fair", quiet=True)
@@ -224,7 +249,7 @@ def run(settings: AgentSettings) -> int:
         if manager is not None:
             # Running jobs have finished: drop the lease so status turns offline at once.
             manager.stop(release=not runtime.auth_failed)
-    if runtime.auth_failed:
+    if runtime.auth_failed or getattr(manager, "auth_failed", False):
         return 1
     logger.info("agent stopped name=%s", runtime.name)
     return worker.exitcode or 0

@@ -8,7 +8,7 @@ import signal
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from .lease_manager import LeaseManager
+from .lease_manager import KEY_REFUSED, KEY_REFUSED_SIGNAL, LeaseManager
 from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")
@@ -26,19 +26,30 @@ def running_jobs() -> list[str]:
     return sorted(ids)
 
 
-def _apply(consumer, queues: list[str], state: str) -> None:
-    """Consume the agent's queues when active, none when draining (consumer thread)."""
+def _apply(consumer, queues: list[str], state: str, why: str | None = None) -> None:
+    """Consume the agent's queues when active, none when draining (consumer thread).
+
+    ``why`` names a hold (lease expired, disabled) that stops consuming whatever the
+    desired state says."""
     task_consumer = getattr(consumer, "task_consumer", None)
     if task_consumer is None:
         return
+    stop = state == "draining" or why is not None
     for queue in queues:
         consuming = task_consumer.consuming_from(queue)
-        if state == "draining" and consuming:
+        if stop and consuming:
             consumer.cancel_task_queue(queue)
-            logger.info("draining: stopped consuming from %s", queue)
-        elif state == "active" and not consuming:
+            logger.info("%s: stopped consuming from %s", why or "draining", queue)
+        elif not stop and not consuming:
             consumer.add_task_queue(queue)
             logger.info("active: consuming from %s", queue)
+
+
+def _hold_reason(runtime) -> str | None:
+    manager = runtime.lease_manager
+    if manager is None or not manager.held:
+        return None
+    return "disabled" if manager.disabled else "lease expired"
 
 
 class LeaseStep(bootsteps.StartStopStep):
@@ -57,8 +68,7 @@ class LeaseStep(bootsteps.StartStopStep):
 
         def report() -> dict:
             jobs = running_jobs()
-            status = "stopping" if worker_state.should_stop is not None or \
-                worker_state.should_terminate is not None else runtime.status()
+            status = "stopping" if self.stopping() else runtime.status()
             return {"status": status, "running_jobs": jobs, "jobs_running": len(jobs),
                     "max_jobs": runtime.max_jobs, "version": runtime.version,
                     "host": runtime.host, "nodename": worker.hostname}
@@ -66,12 +76,25 @@ class LeaseStep(bootsteps.StartStopStep):
         def apply_state(state: str) -> None:
             runtime.desired_state = state
             consumer = getattr(worker, "consumer", None)
-            if consumer is not None and worker_state.should_stop is None:
-                consumer.call_soon(_apply, consumer, runtime.queues, state)
+            if consumer is not None and not self.stopping():
+                consumer.call_soon(_apply, consumer, runtime.queues, state, _hold_reason(runtime))
+
+        def hold(held: bool) -> None:
+            consumer = getattr(worker, "consumer", None)
+            if consumer is not None and not self.stopping():
+                consumer.call_soon(_apply, consumer, runtime.queues, runtime.desired_state,
+                                   _hold_reason(runtime))
 
         def on_auth_failure() -> None:
+            # The key is refused (agent deleted): its jobs already run elsewhere, so do not let
+            # them finish. A cold shutdown kills the pool children, and their scanners die with them.
+            if worker_state.should_terminate is None and not runtime.auth_failed:
+                logger.error(KEY_REFUSED)
             runtime.auth_failed = True
-            os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown; main exits non-zero
+            os.kill(os.getpid(), signal.SIGQUIT)
+
+        # A pool child whose report was answered 401 asks for the same (workers.tasks.key_refused).
+        signal.signal(KEY_REFUSED_SIGNAL, lambda signum, frame: on_auth_failure())
 
         settings = worker.app.exploop_settings
         memory = MemoryWatch(settings.memory_limit or cgroup_memory_limit(), settings.memory_warn_ratio,
@@ -79,14 +102,21 @@ class LeaseStep(bootsteps.StartStopStep):
         observe = runtime.metrics.heartbeat_latency.observe if runtime.metrics else (lambda s: None)
         self.manager = LeaseManager(runtime.client, runtime.heartbeat_interval, report,
                                     apply_state, on_auth_failure, observe_latency=observe,
-                                    after_renewal=memory.check)
+                                    after_renewal=memory.check, hold=hold,
+                                    incarnation=runtime.incarnation)
         runtime.lease_manager = self.manager
         self.manager.start()
 
+    @staticmethod
+    def stopping() -> bool:
+        return worker_state.should_stop is not None or worker_state.should_terminate is not None
+
     def stop(self, worker):
-        # Called as the shutdown begins, before running jobs finish: keep renewing.
+        # Called as the shutdown begins, before running jobs finish: keep renewing, and
+        # announce the stop now so the agent shows "stopping" at once.
         # ``workers.agent`` stops the manager once the worker has exited.
-        pass
+        if self.manager is not None:
+            self.manager.wake()
 
 
 class DesiredStateStep(bootsteps.StartStopStep):
@@ -97,5 +127,6 @@ class DesiredStateStep(bootsteps.StartStopStep):
 
     def start(self, consumer):
         runtime = consumer.app.exploop_runtime
-        if runtime.desired_state == "draining":
-            _apply(consumer, runtime.queues, "draining")
+        why = _hold_reason(runtime)
+        if runtime.desired_state == "draining" or why is not None:
+            _apply(consumer, runtime.queues, "draining", why)

@@ -20,7 +20,7 @@ from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import AgentSettings, ScannerSettings
 
 from . import tasks
-from .lease_manager import LeaseManager
+from .lease_manager import KEY_REFUSED, LeaseManager
 from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")
@@ -58,7 +58,8 @@ class HttpAgent:
     def apply_state(self, state: str) -> None:
         was = self.runtime.desired_state
         self.runtime.desired_state = state
-        if state == "draining":
+        manager = self.runtime.lease_manager
+        if state == "draining" or (manager is not None and manager.held):
             self.active.clear()
         else:
             self.active.set()
@@ -66,6 +67,10 @@ class HttpAgent:
             logger.info("%s: %s polling", state, "stopped" if state == "draining" else "resumed")
 
     def on_auth_failure(self) -> None:
+        """The key is refused (agent deleted): one line, then exit without waiting for running
+        jobs (their scanners die with the process)."""
+        if not self.runtime.auth_failed:
+            logger.error(KEY_REFUSED)
         self.runtime.auth_failed = True
         self.stopping.set()
         self.active.set()  # wake idle pollers so they see the stop
@@ -85,9 +90,11 @@ class HttpAgent:
                 handout = client.poll(self.settings.poll_timeout)
             except ApiClientError as exc:
                 if exc.status == 401:
-                    logger.error("authentication failed: the API refused this agent's poll; stopping")
                     self.on_auth_failure()
                     return
+                if exc.status == 403 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "disabled":
+                    self.stopping.wait(self.runtime.heartbeat_interval)  # the Lease Manager says so, once
+                    continue
                 failures += 1
                 what = "failed to connect to API" if isinstance(exc, ApiConnectionError) else "API error"
                 logger.warning("poll failed, retrying (%s: %s) failures=%d", what, exc.message, failures)
@@ -112,10 +119,9 @@ class HttpAgent:
             self._running[me] = job_id  # busy from the claim on: SIGTERM waits for it
         try:
             try:
-                spec = client.claim(job_id, attempt, handout["handout_id"])
+                spec = client.claim(job_id, attempt, handout["handout_id"], incarnation=runtime.incarnation)
             except ApiClientError as exc:
                 if exc.status == 401:
-                    logger.error("authentication failed %s", fields)
                     self.on_auth_failure()
                 else:
                     # Handout expired, stale or duplicate delivery, draining: not ours to run.
@@ -138,7 +144,9 @@ class HttpAgent:
                              self.settings.memory_warn_ratio, runtime.metrics)
         observe = runtime.metrics.heartbeat_latency.observe if runtime.metrics else (lambda s: None)
         manager = LeaseManager(runtime.client, runtime.heartbeat_interval, self.report, self.apply_state,
-                               self.on_auth_failure, observe_latency=observe, after_renewal=memory.check)
+                               self.on_auth_failure, observe_latency=observe, after_renewal=memory.check,
+                               hold=lambda held: self.apply_state(runtime.desired_state),
+                               incarnation=runtime.incarnation)
         runtime.lease_manager = manager
         if runtime.metrics is not None:
             runtime.metrics.jobs_running.set_function(lambda: float(len(self.running_jobs())))
@@ -165,7 +173,9 @@ class HttpAgent:
         while not self.stopping.wait(0.5):
             pass
         # Running jobs finish (the lease keeps being renewed meanwhile).
-        while self.running_jobs():  # no job is added once stopping is set (checked under the lock)
+        manager.wake()  # announce the stop: the agent shows "stopping" while jobs finish
+        # A refused key does not wait: the jobs already run elsewhere.
+        while self.running_jobs() and not runtime.auth_failed:  # none is added once stopping is set
             time.sleep(0.2)
         manager.stop(release=not runtime.auth_failed)
         if runtime.auth_failed:

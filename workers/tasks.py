@@ -10,14 +10,16 @@ import logging
 import os
 import time
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Reject, WorkerLostError
 from celery.worker.request import Request
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import ScannerSettings
 from exploop.routing import RUN_SCAN
 
+from .lease_manager import KEY_REFUSED_SIGNAL
 from .workspace import JobError, Workspace
 
 logger = logging.getLogger("exploop.agent")
@@ -67,30 +69,48 @@ class OutcomeRequest(Request):
                 metrics.record_outcome(str(fields.get("result")).strip("'\""))
         return super().send_event(type, **fields)
 
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        """A pool child that died mid-job (WorkerLostError, kill -9, OOM killer): tell the API
+        at once, through the Lease Manager, so the job is requeued now rather than at its time
+        limit. The message is acknowledged (``reject_on_worker_lost=False``): the requeue
+        publishes the next attempt, and a redelivered copy would only race it."""
+        exc = exc_info.exception
+        exc = exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+        runtime = getattr(self.task.app, "exploop_runtime", None)
+        manager = getattr(runtime, "lease_manager", None)
+        kwargs = self.kwargs or {}
+        if isinstance(exc, (WorkerLostError, SystemExit)) and runtime is not None and manager is not None \
+                and kwargs.get("job_id"):
+            logger.error("job lost: its worker process died job_id=%s attempt=%s agent=%s (%s); asking"
+                         " the API to requeue it", kwargs["job_id"], kwargs.get("attempt"), runtime.name, exc)
+            manager.lost(kwargs["job_id"], int(kwargs.get("attempt") or 0), f"worker process died: {exc}")
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
 
 def register_tasks(app: Celery) -> None:
     """Register the scan task on the agent's Celery app."""
     # Read at start so a bad SCANNER_MEMORY_LIMIT or REPO_SIZE_LIMIT stops the agent at once.
     _settings.append(ScannerSettings.from_env())
 
-    @app.task(name=RUN_SCAN, bind=True, acks_late=True, Request=OutcomeRequest)
+    @app.task(name=RUN_SCAN, bind=True, acks_late=True, reject_on_worker_lost=False, Request=OutcomeRequest)
     def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
         runtime = app.exploop_runtime
         client = _client(runtime)
         fields = f"job_id={job_id} attempt={attempt} agent={runtime.name}"
         try:
-            spec = client.claim(job_id, attempt)
+            spec = client.claim(job_id, attempt, incarnation=runtime.incarnation)
         except ApiConnectionError as exc:
             # Put the message back for later (or for another agent) instead of losing it.
             logger.error("failed to connect to API while claiming %s: %s", fields, exc.message)
             time.sleep(2)
             raise Reject(str(exc), requeue=True) from None
         except ApiClientError as exc:
-            if exc.status == 409 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
-                logger.info("agent draining, returning job to queue %s", fields)
-                raise Reject("agent draining", requeue=True) from None
+            reason = exc.detail.get("reason") if isinstance(exc.detail, dict) else None
+            if exc.status in (403, 409) and reason in ("draining", "disabled"):
+                logger.info("agent %s, returning job to queue %s", reason, fields)
+                raise Reject(f"agent {reason}", requeue=True) from None
             if exc.status == 401:
-                logger.error("authentication failed %s", fields)
+                key_refused(runtime)
                 raise Reject("authentication failed", requeue=True) from None
             if exc.status >= 500:
                 logger.error("API error while claiming %s: %s", fields, exc.message)
@@ -101,38 +121,52 @@ def register_tasks(app: Celery) -> None:
         return _run(runtime, client, spec, fields)
 
 
+def key_refused(runtime) -> None:
+    """The API refused this agent's key (deleted): log one line and stop the agent now, killing
+    its scans, instead of finishing work whose result would be refused."""
+    if os.getpid() != runtime.main_pid:
+        # A prefork child: the main process logs the line and shuts down cold (bootsteps).
+        os.kill(runtime.main_pid, KEY_REFUSED_SIGNAL)
+    elif runtime.lease_manager is not None:
+        runtime.lease_manager.on_auth_failure()
+
+
 class JobCancelled(Exception):
-    """The job was cancelled while this agent ran it: stop and report nothing."""
+    """The job was cancelled, or is no longer this agent's: stop and report nothing."""
 
 
 def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     job_id, attempt, token = spec["id"], spec["attempt"], spec["job_token"]
     started = time.monotonic()
+    final = attempt >= int(spec.get("max_attempts") or attempt + 1)
+    logger.info("job started %s", fields)
     try:
         if runtime.simulated_scan_seconds is not None:  # benchmarks and fleet tests only
-            _simulate(client, spec, runtime.simulated_scan_seconds)
+            _simulate(client, spec, runtime.simulated_scan_seconds, runtime)
             findings: list[dict] = []
             summary: dict = {"engines": [], "simulated": True}
         else:
-            findings, summary = _scan(client, spec, started + spec["time_limit"])
-    except JobCancelled:
-        logger.info("job cancelled, stopped %s", fields)
+            findings, summary = _scan(client, spec, started + spec["time_limit"], runtime)
+    except JobCancelled as exc:
+        logger.info("job stopped %s: %s", fields, exc or "cancelled")
         return "cancelled"
     except JobError as exc:
-        if exc.retry:
+        if exc.retry and not final:
             logger.warning("job timeout, will retry %s: %s", fields, exc)
         else:
-            logger.error("job failed %s: %s", fields, exc)
+            # The runbook's line for the last attempt: the API fails the job for good.
+            logger.error("job failed permanently %s: %s", fields, exc)
         message, retry = str(exc), exc.retry  # bound now: the name `exc` ends with the except block
-        _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields)
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields, runtime)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
         message = f"agent error: {exc.__class__.__name__}: {exc}"
-        _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields)
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields, runtime)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
-    _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields)
+    if not _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields, runtime):
+        return "failed"
     logger.info("job completed %s findings=%d", fields, len(findings))
     return "completed"
 
@@ -149,7 +183,7 @@ def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
     return []
 
 
-def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict]:
+def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> tuple[list, dict]:
     settings = _settings[-1] if _settings else ScannerSettings.from_env()
     capability = spec["capability"]
     module = SCANNERS.get(capability)
@@ -160,15 +194,17 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
 
     def still_wanted() -> None:
         """Report progress while git or a scanner runs; raises JobCancelled if cancelled."""
-        _progress(client, spec, min(89, 30 + int(time.monotonic() - started)), "scanning")
+        _progress(client, spec, min(89, 30 + int(time.monotonic() - started)), "scanning", runtime)
 
-    with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
+    base_dir = getattr(runtime, "workspace_dir", None)
+    with Workspace(spec["id"], deadline, base_dir=str(base_dir) if base_dir else None,
+                   memory_limit=settings.memory_limit,
                    size_limit=settings.repo_size_limit, check=still_wanted) as workspace:
         commit = workspace.checkout(spec["repo_url"], spec["ref"],
                                     history=capability in NEEDS_HISTORY)
-        _progress(client, spec, 30, f"checked out {commit[:12]}")
+        _progress(client, spec, 30, f"checked out {commit[:12]}", runtime)
         result = workspace.run_scanner(module, *args)
-        _progress(client, spec, 90, "scan finished")
+        _progress(client, spec, 90, "scan finished", runtime)
     findings = [{k: f[k] for k in _FINDING_FIELDS if f.get(k) is not None} for f in result["findings"]]
     for finding in findings:
         finding.setdefault("commit", commit)
@@ -185,23 +221,30 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
     return findings, summary
 
 
-def _simulate(client: PlatformClient, spec: dict, seconds: float) -> None:
+def _simulate(client: PlatformClient, spec: dict, seconds: float, runtime=None) -> None:
     """A simulated scan: sleep, reporting progress (and noticing a cancel) every second."""
     deadline = time.monotonic() + seconds
     next_report = time.monotonic() + 1
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.25))
         if time.monotonic() >= next_report and time.monotonic() < deadline:
-            _progress(client, spec, int(100 * (1 - left / seconds)), "simulated scan")
+            _progress(client, spec, int(100 * (1 - left / seconds)), "simulated scan", runtime)
             next_report += 1
 
 
-def _progress(client: PlatformClient, spec: dict, percent: int, message: str) -> None:
+def _progress(client: PlatformClient, spec: dict, percent: int, message: str, runtime=None) -> None:
     try:
         client.progress(spec["id"], spec["attempt"], spec["job_token"], percent, message)
     except ApiClientError as exc:  # progress is advisory; the result is what matters
         if exc.status == 409 and isinstance(exc.detail, dict) and exc.detail.get("status") == "cancelled":
-            raise JobCancelled() from None
+            raise JobCancelled("cancelled") from None
+        if exc.status == 401 and runtime is not None:
+            key_refused(runtime)
+            raise JobCancelled("the API refused this agent's key") from None
+        if exc.status in (403, 409):
+            # Requeued elsewhere (our lease expired, a restart) or the agent was disabled: the
+            # work is no longer ours, and finishing it would only be refused.
+            raise JobCancelled(f"no longer this agent's job: {exc.message}") from None
         logger.warning("progress report failed job_id=%s: %s", spec["id"], exc.message)
 
 
@@ -210,23 +253,27 @@ def _progress(client: PlatformClient, spec: dict, percent: int, message: str) ->
 REPORT_PATIENCE = 15 * 60
 
 
-def _report(call, fields: str, patience: float = REPORT_PATIENCE) -> None:
-    """Send the result, retrying with capped backoff while the API is down or erroring."""
+def _report(call, fields: str, runtime=None, patience: float = REPORT_PATIENCE) -> bool:
+    """Send the result, retrying with capped backoff while the API is down or erroring;
+    return whether the API accepted it."""
     deadline = time.monotonic() + patience
     n = 0
     while True:
         try:
             call()
-            return
+            return True
         except ApiClientError as exc:
+            if exc.status == 401 and runtime is not None:
+                key_refused(runtime)
+                return False
             if not isinstance(exc, ApiConnectionError) and exc.status < 500:
                 logger.error("result refused %s: %s", fields, exc.message)
-                return
+                return False
             reason = "failed to connect to API" if isinstance(exc, ApiConnectionError) else "API error"
             if time.monotonic() > deadline:
                 logger.error("giving up reporting %s after %ds (%s); the controller's timeout will"
                              " requeue it", fields, patience, exc.message)
-                return
+                return False
             logger.error("%s reporting %s: %s; retrying", reason, fields, exc.message)
             time.sleep(min(2 ** n, 10))
             n += 1

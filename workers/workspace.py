@@ -20,7 +20,10 @@ from pathlib import Path
 from exploop.config import format_size
 from exploop.redaction import redact_url
 
-__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "minimal_env"]
+from .lifeline import die_with_parent
+
+__all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "minimal_env",
+           "workspace_root", "sweep_workspaces"]
 
 # What a process that hit RLIMIT_AS says on its way out (Python, glibc, OCaml/semgrep).
 # Characters git never allows in a ref name (and whitespace/control characters).
@@ -58,11 +61,37 @@ def minimal_env(home: str, tmp: str | None = None) -> dict[str, str]:
     return env
 
 
-def _limit_memory(limit: int):
-    """A ``preexec_fn`` that caps the child's address space (inherited by its children)."""
+def _prepare_child(memory_limit: int | None):
+    """A ``preexec_fn``: the child dies with the process that started it (a scanner never
+    outlives a killed agent), and its address space is capped (inherited by its children)."""
+    parent = os.getpid()
+
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        die_with_parent(parent)
+        if memory_limit:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     return apply
+
+
+def workspace_root(agent_name: str) -> Path:
+    """The directory holding this agent's job workspaces (one per agent name, so a start-up
+    sweep never touches another agent's checkouts on the same host)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", agent_name)
+    return Path(tempfile.gettempdir()) / f"exploop-work-{safe}"
+
+
+def sweep_workspaces(root: Path) -> int:
+    """Remove checkouts a previous run of this agent left behind (kill -9, power loss);
+    return how many. Run at start, before any job."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    removed = 0
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 #: How often a running process's ``check`` (is the job cancelled?) is called.
@@ -78,8 +107,7 @@ def run_process(cmd: list[str], *, cwd: str, env: dict, deadline: float, what: s
         raise JobTimeout(f"job timeout before {what}")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-                            errors="replace",
-                            preexec_fn=_limit_memory(memory_limit) if memory_limit else None)
+                            errors="replace", preexec_fn=_prepare_child(memory_limit))
     try:
         while True:
             left = deadline - time.monotonic()

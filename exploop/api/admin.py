@@ -21,7 +21,7 @@ from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queues_for
-from ..vocabulary import DesiredState, JobStatus
+from ..vocabulary import AgentStatus, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
@@ -306,6 +306,49 @@ def uncordon_agent(name):
     return _set_desired_state(name, DesiredState.ACTIVE)
 
 
+def _set_disabled(name: str, disabled: bool) -> dict:
+    agent = _agent(name)
+    # Forget the cached identity before and after, so no renewal slips through the cache.
+    fleet.forget_agent(agent)
+    agent.disabled = disabled
+    fleet.audit(g.admin.name, "disable agent" if disabled else "enable agent", name)
+    db.session.commit()
+    fleet.forget_agent(agent)
+    if disabled:
+        # The hard switch (drain is the graceful one): its jobs go to other agents now, its
+        # reports and claims are refused, and its worker stops consuming at once.
+        running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
+                                                       Job.status == "running")).all()
+        for job in running:
+            jobs.requeue(job, f"agent {name} disabled by {g.admin.name}")
+        current_app.extensions["leases"].release(agent.name)
+        logger.warning("agent disabled agent=%s by=%s requeued_jobs=%d", name, g.admin.name, len(running))
+    else:
+        logger.info("agent enabled agent=%s by=%s", name, g.admin.name)
+    view = fleet.describe_agents([agent])[0]
+    _broadcast_queues(agent, agent.nodename, "draining" if disabled else agent.desired_state)
+    return view
+
+
+@bp.post("/agents/<name>/disable")
+@bp.response(200, AgentOut)
+@bp.errors(404)
+@admin_required("admin")
+def disable_agent(name):
+    """Switch an agent off: its lease and claims are refused (403 "disabled"), its running
+    jobs are requeued at once, and it takes no job until enabled."""
+    return _set_disabled(name, True)
+
+
+@bp.post("/agents/<name>/enable")
+@bp.response(200, AgentOut)
+@bp.errors(404)
+@admin_required("admin")
+def enable_agent(name):
+    """Switch a disabled agent back on: it takes jobs again from its next renewal."""
+    return _set_disabled(name, False)
+
+
 @bp.delete("/agents/<name>")
 @bp.response(204)
 @bp.errors(404)
@@ -408,11 +451,11 @@ def cluster_info():
         else:
             status = fleet.agent_status(agent, lease)
         by_status[status] = by_status.get(status, 0) + 1
-        region = regions.setdefault(agent.region, {"online": 0, "draining": 0, "offline": 0,
+        region = regions.setdefault(agent.region, {"online": 0, "draining": 0, "stopping": 0, "offline": 0,
                                                    "disabled": 0, "unknown": 0, "jobs_running": 0,
                                                    "capacity": 0})
         region[status] += 1
-        if status in ("online", "draining"):
+        if status in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
             lease = lease or {}
             region["jobs_running"] += int(lease.get("jobs_running", 0))
             if status == "online":

@@ -84,19 +84,24 @@ def _unauthorized(kind: str, reason: str | None = None):
 
 def documented_auth(kind: str):
     """Document a view that checks a ``kind`` credential itself (the lease hot path)."""
-    return lambda view: document(view, 401, 429, security=SCHEMES[kind])
+    codes = (401, 403, 429) if kind == "agent" else (401, 429)
+    return lambda view: document(view, *codes, security=SCHEMES[kind])
 
 
 def agent_required(view):
-    """Require a valid, enabled agent key (``ragent_...``); sets ``g.agent``."""
+    """Require a valid, enabled agent key (``ragent_...``); sets ``g.agent``. A disabled
+    agent's key is answered 403 ``{"reason": "disabled"}``."""
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         agent = _lookup(Agent, bearer_token(), "ragent_")
-        if agent is None or agent.disabled:
+        if agent is None:
             raise _unauthorized("agent")
+        if agent.disabled:  # a valid key, switched off by an admin: say so, not "authentication failed"
+            raise ApiError(403, f"agent {agent.name!r} is disabled by an admin: no lease, no jobs until"
+                                f" `exploop-admin enable agent {agent.name}`", {"reason": "disabled"})
         g.agent = agent
         return view(*args, **kwargs)
-    return document(wrapper, 401, 429, security=SCHEMES["agent"])
+    return document(wrapper, 401, 403, 429, security=SCHEMES["agent"])
 
 
 def tenant_required(view):

@@ -13,7 +13,7 @@ from ..core.fleet import describe_agents
 from ..core.jobs import status_counts
 from ..core.models import Agent
 from ..routing import queues_for
-from ..vocabulary import JOB_STATUSES, AgentStatus
+from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, AgentStatus
 
 __all__ = ["FleetCollector", "render_api_metrics"]
 
@@ -44,13 +44,15 @@ class FleetCollector:
             for view in views:
                 by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
-                if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING):
+                if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
                     slots[view["region"]][0] += view["jobs_running"]
                 if view["status"] == AgentStatus.ONLINE:
                     slots[view["region"]][1] += view["max_jobs"]
                 queues.update(queues_for(view["capabilities"], view["region"]))
-            for (status, region), n in sorted(by_key.items()):
-                agents.add_metric([status, region], n)
+            # Every status for every region, zeros included: alert rules match on them.
+            for region in sorted({region for _, region in by_key}):
+                for status in AGENT_STATUSES:
+                    agents.add_metric([status, region], by_key.get((status, region), 0))
             for region, (used, total) in sorted(slots.items()):
                 running.add_metric([region], used)
                 capacity.add_metric([region], total)

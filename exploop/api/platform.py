@@ -88,8 +88,9 @@ def _renew_from_database(body):
 @bp.response(204)
 @agent_required
 def release_lease():
-    """Drop this agent's lease at once (graceful stop)."""
-    current_app.extensions["leases"].release(g.agent.name)
+    """Announce a graceful stop: the lease goes at once, the agent shows ``offline`` (stopped)
+    and the controller raises no "lease expired" for it."""
+    fleet.release_lease(g.agent)
 
 
 @bp.post("/poll")
@@ -139,7 +140,7 @@ def claim(body, job_id):
         if handout is None:
             raise ApiError(409, "handout expired", {"reason": "handout expired", "handout": why})
     try:
-        job, token = jobs.claim(g.agent, job_id, body["attempt"])
+        job, token = jobs.claim(g.agent, job_id, body["attempt"], body.get("incarnation"))
     except ApiError as exc:
         if handout is not None and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
             handouts.put_back(handout)  # a draining agent's job is for another agent

@@ -243,6 +243,12 @@ class AgentConfigOut(Strict):
         "description": "longest long-poll (seconds) the server allows; agents cap POLL_TIMEOUT to it"})
 
 
+class LostJobIn(Lenient):
+    job_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    attempt = JsonInteger(required=True, validate=validate.Range(min=1, max=INT_MAX))
+    reason = fields.String(validate=validate.Length(max=255))
+
+
 class LeaseIn(Lenient):
     status = fields.String(load_default=DesiredState.ACTIVE, validate=validate.Length(max=32))
     running_jobs = fields.List(fields.String(validate=validate.Length(max=64)),
@@ -253,6 +259,10 @@ class LeaseIn(Lenient):
     host = fields.String(validate=validate.Length(max=255))
     nodename = fields.String(validate=validate.Length(max=255))
     heartbeat_interval = JsonNumber(load_default=30.0, validate=validate.Range(min=0.1, max=3600))
+    incarnation = fields.String(validate=validate.Length(min=1, max=64), metadata={
+        "description": "id of this start of the agent; a new one requeues what the previous start held"})
+    lost_jobs = fields.List(fields.Nested(LostJobIn), load_default=list, validate=validate.Length(max=1000),
+                            metadata={"description": "jobs the agent no longer runs (a worker process died)"})
 
 
 class LeaseOut(Strict):
@@ -268,6 +278,8 @@ class AttemptIn(Lenient):
 class ClaimIn(AttemptIn):
     handout_id = fields.String(validate=validate.Length(min=1, max=64), metadata={
         "description": "the handout id POST /platform/poll returned (HTTP agents only)"})
+    incarnation = fields.String(validate=validate.Length(min=1, max=64), metadata={
+        "description": "id of this start of the agent (as in PUT /platform/lease)"})
 
 
 class PollIn(Lenient):
@@ -292,6 +304,7 @@ class ClaimOut(Strict):
     repo_url = fields.String()
     ref = fields.String()
     time_limit = fields.Integer()
+    max_attempts = fields.Integer()
 
 
 class ProgressIn(AttemptIn):
@@ -452,6 +465,8 @@ class AgentOut(Strict):
     max_jobs = fields.Integer()
     running_jobs = fields.List(fields.String())
     desired_state = fields.String()
+    stopped_at = UTCDateTime(allow_none=True, metadata={
+        "description": "when an offline agent announced its graceful stop (null: crashed or cut off)"})
     lease_ttl = fields.Integer(allow_none=True)
     last_seen = UTCDateTime(allow_none=True)
     last_seen_seconds = fields.Integer(allow_none=True)
@@ -549,6 +564,7 @@ class AdminTokenPage(Page):
 class RegionInfo(Strict):
     online = fields.Integer()
     draining = fields.Integer()
+    stopping = fields.Integer()
     offline = fields.Integer()
     disabled = fields.Integer()
     # `unknown` is a Schema attribute: the field is named otherwise, serialised as "unknown".

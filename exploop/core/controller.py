@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from flask import Flask
 from redis.exceptions import LockError
@@ -47,6 +47,11 @@ class Controller:
         # redis-py's Lock: compare-and-set acquire, extend and release, with our identity as token.
         self.leader_lock = self.redis.lock(LEADER_KEY, timeout=max(3 * interval, 3), thread_local=False)
         self.is_leader = False
+        # Each agent's last lease seen: (renewed_at, lease_ttl, heartbeat_interval), for the
+        # "outage, not crash" rule; and since when Redis has had no record of any renewal.
+        self.seen: dict[str, tuple[float, float, float]] = {}
+        self.keys_lost_since: float | None = None
+        self._graced: dict[str, str] = {}  # agent -> why its grace was logged
 
     # --- leadership ---------------------------------------------------------------
 
@@ -103,13 +108,39 @@ class Controller:
     # --- rules ----------------------------------------------------------------------
 
     def expire_leases(self) -> int:
-        """Agents whose lease is gone: log once, and requeue the jobs they were running."""
+        """Agents whose lease is gone: log once, and requeue the jobs they were running.
+
+        Not when the silence is the fleet's rather than the agent's: if nobody has renewed
+        since this agent stopped (the API is down), or Redis lost its keys, or renewals only
+        just resumed, the agent gets one lease TTL to renew and keep its jobs. An agent that
+        announced a graceful stop is offline without the alert.
+        """
         leases = self.app.extensions["leases"]
         agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
         live = leases.get_many([a.name for a in agents])
+        now = time.time()
+        last_any, resumed = leases.fleet_renewals()
+        if last_any is None:
+            self.keys_lost_since = self.keys_lost_since or now
+        else:
+            self.keys_lost_since = None
         requeued = 0
         for agent in agents:
-            if live.get(agent.name) is not None:
+            lease = live.get(agent.name)
+            if lease is not None:
+                self.seen[agent.name] = (float(lease.get("renewed_at") or now),
+                                         float(lease.get("lease_ttl") or lease.get("ttl") or 0),
+                                         float(lease.get("heartbeat_interval") or 30))
+                self._graced.pop(agent.name, None)
+                continue
+            running = db.session.scalars(select(Job).where(
+                Job.agent_id == agent.id, Job.status == JobStatus.RUNNING)).all()
+            if agent.stopped_at is not None:  # a graceful stop: its jobs finished (or were given back)
+                for job in running:
+                    jobs.requeue(job, f"agent {agent.name} stopped")
+                    requeued += 1
+                continue
+            if self._outage_grace(agent, now, last_any, resumed):
                 continue
             if agent.last_seen is not None and agent.lease_expired_at is None:
                 agent.lease_expired_at = utcnow()
@@ -117,12 +148,35 @@ class Controller:
                 leases.forget(agent.key_hash)  # its next renewal goes through the database
                 logger.error("lease expired agent=%s region=%s last_seen=%s",
                              agent.name, agent.region, agent.last_seen.isoformat())
-            running = db.session.scalars(select(Job).where(
-                Job.agent_id == agent.id, Job.status == JobStatus.RUNNING)).all()
             for job in running:
                 jobs.requeue(job, f"lease expired on agent {agent.name}")
                 requeued += 1
         return requeued
+
+    def _outage_grace(self, agent: Agent, now: float, last_any: float | None, resumed: float | None) -> bool:
+        """Whether to wait before calling this agent dead: the silence may be the fleet's."""
+        # Unknown to this controller (it just started): the record's last_seen, else long ago.
+        renewed_at, ttl, heartbeat = self.seen.get(agent.name) or (
+            agent.last_seen.replace(tzinfo=UTC).timestamp() if agent.last_seen else 0.0, 0.0, 30.0)
+        ttl = ttl or 3 * heartbeat
+        if last_any is None:  # Redis lost its keys (restart, FLUSHALL): give renewals one TTL
+            if now < (self.keys_lost_since or now) + ttl:
+                self._log_grace(agent, "Redis lost its keys")
+                return True
+            return False
+        if last_any < renewed_at + 1.5 * heartbeat:  # nobody renewed after this agent went quiet
+            self._log_grace(agent, "renewals stopped fleet-wide")
+            return True
+        if resumed is not None and resumed > renewed_at and now < resumed + ttl:
+            self._log_grace(agent, "renewals resumed after a fleet-wide outage")
+            return True
+        return False
+
+    def _log_grace(self, agent: Agent, why: str) -> None:
+        if self._graced.get(agent.name) != why:
+            self._graced[agent.name] = why
+            logger.warning("lease missing agent=%s: %s; waiting one lease TTL before requeuing its jobs",
+                           agent.name, why)
 
     def time_out_jobs(self) -> int:
         """Running jobs past their time limit (plus grace) get another attempt."""
@@ -130,8 +184,9 @@ class Controller:
         timed_out = 0
         for job in db.session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all():
             if job.started_at and job.started_at + timedelta(seconds=job.time_limit) + TIMEOUT_GRACE < now:
-                logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
-                               job.id, job.attempt, job.agent_name)
+                if job.attempt < job.max_attempts:  # the last one: requeue logs "job failed permanently"
+                    logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
+                                   job.id, job.attempt, job.agent_name)
                 jobs.requeue(job, f"job timeout after {job.time_limit}s on agent {job.agent_name}")
                 timed_out += 1
         return timed_out

@@ -1,8 +1,14 @@
 """Agents: registration, credentials, leases and the status operators see.
 
 Status is derived, never stored: ``online`` = lease present and desired state
-active; ``draining`` = lease present and desired state draining; ``offline`` =
-no lease; ``disabled`` = switched off by an admin.
+active; ``draining`` = lease present and desired state draining; ``stopping`` =
+lease present and the agent announced a graceful stop; ``offline`` = no lease
+(crashed, cut off, or stopped: ``stopped_at`` says which); ``disabled`` = switched
+off by an admin.
+
+Each start of an agent is an incarnation: an id sent with every renewal and claim.
+A new one means the previous process is gone, so the jobs it held are requeued at
+once; so is a job the agent reports it lost (a pool child that died mid-job).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from sqlalchemy.engine import CursorResult
 
 from ..config import parse_duration
 from ..vocabulary import AgentStatus, DesiredState
+from . import jobs
 from .exceptions import ApiError
 from .extensions import db
 from .models import Agent, AuditEvent, BootstrapToken, utcnow
@@ -26,7 +33,7 @@ from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, sec
 logger = logging.getLogger(__name__)
 
 __all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
-           "renew_lease_cached", "forget_agent", "lease_ttl",
+           "renew_lease_cached", "forget_agent", "lease_ttl", "release_lease",
            "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
 
 #: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
@@ -46,10 +53,13 @@ class AgentRecord(Protocol):
 
 
 def agent_status(agent: AgentRecord, lease: dict | None) -> str:
+    """The status operators see, from the record and the lease (see the module docstring)."""
     if agent.disabled:
-        return "disabled"
+        return AgentStatus.DISABLED
     if lease is None:
-        return "offline"
+        return AgentStatus.OFFLINE
+    if lease.get("status") == AgentStatus.STOPPING:
+        return AgentStatus.STOPPING
     return AgentStatus.DRAINING if agent.desired_state == DesiredState.DRAINING else AgentStatus.ONLINE
 
 
@@ -72,6 +82,7 @@ def describe_agents(agents: Sequence[Agent]) -> list[dict]:
             "max_jobs": int((lease or {}).get("max_jobs") or agent.max_jobs),
             "running_jobs": list(lease.get("running_jobs", [])) if lease else [],
             "desired_state": agent.desired_state,
+            "stopped_at": agent.stopped_at if lease is None else None,
             "lease_ttl": lease["ttl"] if lease else None,
             "last_seen": last_seen,
             "last_seen_seconds": int((now - last_seen).total_seconds()) if last_seen else None,
@@ -187,7 +198,11 @@ def lease_ttl(body: dict) -> float:
 
 
 def renew_lease_cached(key_hash: str, body: dict) -> dict | None:
-    """The hot path: renew through the Redis identity cache, no database; None on a miss."""
+    """The hot path: renew through the Redis identity cache, no database; None on a miss
+    (and for a renewal that reports lost jobs, which the database path requeues)."""
+    if body.get("lost_jobs"):
+        return None
+    body = {k: v for k, v in body.items() if k != "lost_jobs"}
     ttl = lease_ttl(body)
     identity = current_app.extensions["leases"].renew_by_key(key_hash, body, ttl)
     if identity is None:
@@ -210,10 +225,17 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     """
     ttl = lease_ttl(body)
     leases = current_app.extensions["leases"]
+    if body.get("incarnation"):
+        jobs.adopt_incarnation(agent, body["incarnation"])
+    jobs.requeue_lost(agent, body.get("lost_jobs") or [])
+    body = {k: v for k, v in body.items() if k != "lost_jobs"}
     leases.renew(agent.name, body, ttl)
     now = utcnow()
     changed = {k: body[k] for k in ("version", "host", "nodename")
                if body.get(k) and body[k] != getattr(agent, k)}
+    if agent.stopped_at is not None:
+        agent.stopped_at = None
+        db.session.commit()
     if changed or agent.last_seen is None or agent.lease_expired_at is not None \
             or now - agent.last_seen > LAST_SEEN_WRITE_INTERVAL:
         for key, value in changed.items():
@@ -226,3 +248,11 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     leases.remember(agent.key_hash, {"name": agent.name, "desired_state": agent.desired_state},
                     LAST_SEEN_WRITE_INTERVAL.total_seconds())
     return {"agent": agent.name, "desired_state": agent.desired_state, "lease_ttl": int(round(ttl))}
+
+
+def release_lease(agent: Agent) -> None:
+    """A graceful stop: drop the lease, remember the agent stopped (no "lease expired" alert)."""
+    current_app.extensions["leases"].release(agent.name)
+    agent.stopped_at = utcnow()
+    db.session.commit()
+    logger.info("agent stopped agent=%s", agent.name)

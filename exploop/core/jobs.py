@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
-           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url"]
+           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url",
+           "adopt_incarnation", "requeue_lost", "status_counts", "get_job"]
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
@@ -280,12 +281,15 @@ def _get_job(job_id: str) -> Job:
     return job
 
 
-def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
+def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = None) -> tuple[Job, str]:
     """Give the current attempt of a queued job to ``agent``; refuse anything else.
 
     Returns the job and its scoped job token: valid only for this job and attempt,
     for the job's time limit plus JOB_TOKEN_GRACE; progress, complete and fail need it.
+    A claim from a new ``incarnation`` of the agent first requeues what the previous one held.
     """
+    if incarnation:
+        adopt_incarnation(agent, incarnation)
     job = _get_job(job_id)
     if job.capability not in agent.capability_list or job.region != agent.region:
         raise ApiError(403, f"agent {agent.name!r} cannot run {job.capability} jobs in {job.region}")
@@ -296,7 +300,8 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
     grace = parse_duration(current_app.config["JOB_TOKEN_GRACE"], "JOB_TOKEN_GRACE")
     result = _execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
+        .values(status=JobStatus.RUNNING, agent_id=agent.id, agent_name=agent.name, incarnation=incarnation,
+                started_at=now, progress=0,
                 progress_message=None, job_token_hash=hash_token(token),
                 job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
     db.session.commit()
@@ -305,6 +310,7 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
         if job.status == JobStatus.RUNNING and job.agent_id == agent.id and job.attempt == attempt:
             # The agent retried a claim whose answer it lost: a fresh token replaces the old one.
             job.job_token_hash = hash_token(token)
+            job.incarnation = incarnation
             db.session.commit()
             return job, token
         STALE_CLAIMS.labels(job.capability, job.region).inc()
@@ -461,3 +467,37 @@ def cancel(job: Job, actor: str) -> Job:
                 job.id, was, actor, job.tenant_id, job.agent_name)
     admit_pending(job.tenant_id)
     return job
+
+
+def adopt_incarnation(agent: Agent, incarnation: str) -> None:
+    """Record the agent's current start; requeue at once what a previous start was running."""
+    if agent.incarnation == incarnation:
+        return
+    previous = agent.incarnation
+    # The guard makes two API processes seeing the same change at once requeue only once.
+    won = _execute(update(Agent).where(
+        Agent.id == agent.id, Agent.incarnation.is_(None) if previous is None else Agent.incarnation == previous)
+        .values(incarnation=incarnation)).rowcount == 1
+    db.session.commit()
+    db.session.refresh(agent)
+    if not won:
+        return
+    orphans = db.session.scalars(select(Job).where(
+        Job.agent_id == agent.id, Job.status == JobStatus.RUNNING,
+        (Job.incarnation != incarnation) | Job.incarnation.is_(None))).all()
+    if previous is not None or orphans:
+        logger.warning("agent restarted agent=%s incarnation=%s previous=%s orphaned_jobs=%d",
+                       agent.name, incarnation, previous, len(orphans))
+    for job in orphans:
+        requeue(job, f"agent {agent.name} restarted (incarnation {previous} ended)")
+
+
+def requeue_lost(agent: Agent, lost: list[dict]) -> None:
+    """Jobs the agent says it no longer runs (a pool child died mid-job): requeue them now."""
+    if not lost:
+        return
+    for item in lost:
+        job = db.session.get(Job, str(item.get("job_id")))
+        if job is not None and job.agent_id == agent.id and job.status == JobStatus.RUNNING \
+                and job.attempt == item.get("attempt"):
+            requeue(job, f"agent {agent.name} lost the job: {item.get('reason') or 'worker lost'}")

@@ -11,19 +11,39 @@ import time
 
 import redis
 
-__all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX"]
+__all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX", "LAST_RENEWAL_KEY", "RESUMED_KEY"]
 
 LEASE_PREFIX = "exploop:lease:"
 #: Agent identity by key hash, cached for the lease hot path (expires, and is
 #: deleted whenever the agent record changes; the database stays the truth).
 IDENTITY_PREFIX = "exploop:agent-key:"
 
-# One round trip: find the agent by key hash, and renew its lease if found.
+#: When any agent last renewed (epoch seconds), and when renewals last resumed after a
+#: fleet-wide silence or a Redis that lost its keys: the controller's "outage, not crash" signal.
+LAST_RENEWAL_KEY = "exploop:fleet:last-renewal"
+RESUMED_KEY = "exploop:fleet:resumed-at"
+
+# Note a renewal fleet-wide: a gap longer than ARGV[-1] seconds since the previous one (or
+# no previous one: Redis lost its keys) means renewals stopped for everyone and now resume.
+_TOUCH_FLEET = """
+local now, gap = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+local last = redis.call('GET', KEYS[#KEYS - 1])
+if (not last) or (now - tonumber(last) > gap) then redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1]) end
+if (not last) or tonumber(last) < now then redis.call('SET', KEYS[#KEYS - 1], ARGV[#ARGV - 1]) end
+"""
+
+# One round trip: find the agent by key hash, and renew its lease if found and held by the
+# same incarnation. A lease that is gone, or held by another start of the agent, goes to the
+# database path (which requeues a previous incarnation's jobs, and clears a stop).
 _RENEW_BY_KEY = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
 local name = cjson.decode(raw)['name']
+local old = redis.call('GET', ARGV[3] .. name)
+if not old then return false end
+if ARGV[4] ~= '' and cjson.decode(old)['incarnation'] ~= ARGV[4] then return false end
 redis.call('SET', ARGV[3] .. name, ARGV[1], 'EX', tonumber(ARGV[2]))
+""" + _TOUCH_FLEET + """
 return raw
 """
 
@@ -34,22 +54,41 @@ class LeaseStore:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._renew_by_key = client.register_script(_RENEW_BY_KEY)
+        self._renew = client.register_script(
+            "redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))" + _TOUCH_FLEET)
 
     @staticmethod
     def key(agent: str) -> str:
         return LEASE_PREFIX + agent
 
+    @staticmethod
+    def _value(body: dict, ttl: float, now: float) -> str:
+        return json.dumps(dict(body, renewed_at=now, lease_ttl=max(1, int(round(ttl)))))
+
+    @staticmethod
+    def _gap(body: dict) -> float:
+        """Silence (seconds) after which a renewal counts as renewals resuming fleet-wide."""
+        return 2 * float(body.get("heartbeat_interval") or 30)
+
     def renew(self, agent: str, body: dict, ttl: float) -> None:
         """Store the agent's report and (re)start its TTL."""
-        value = dict(body, renewed_at=time.time())
-        self.redis.set(self.key(agent), json.dumps(value), ex=max(1, int(round(ttl))))
+        now = time.time()
+        self._renew(keys=[self.key(agent), LAST_RENEWAL_KEY, RESUMED_KEY],
+                    args=[self._value(body, ttl, now), max(1, int(round(ttl))), now, self._gap(body)])
 
     def renew_by_key(self, key_hash: str, body: dict, ttl: float) -> dict | None:
-        """Renew the lease of the cached agent with this key hash; None if not cached."""
-        value = json.dumps(dict(body, renewed_at=time.time()))
-        raw = self._renew_by_key(keys=[IDENTITY_PREFIX + key_hash],
-                                 args=[value, max(1, int(round(ttl))), LEASE_PREFIX])
+        """Renew the lease of the cached agent with this key hash; None if not cached, if the
+        lease is gone, or if it was held by another incarnation."""
+        now = time.time()
+        raw = self._renew_by_key(keys=[IDENTITY_PREFIX + key_hash, LAST_RENEWAL_KEY, RESUMED_KEY],
+                                 args=[self._value(body, ttl, now), max(1, int(round(ttl))), LEASE_PREFIX,
+                                       body.get("incarnation") or "", now, self._gap(body)])
         return json.loads(raw) if raw else None
+
+    def fleet_renewals(self) -> tuple[float | None, float | None]:
+        """(last renewal by any agent, last time renewals resumed after a fleet-wide silence)."""
+        last, resumed = self.redis.mget([LAST_RENEWAL_KEY, RESUMED_KEY])
+        return (float(last) if last else None), (float(resumed) if resumed else None)
 
     def remember(self, key_hash: str, identity: dict, ttl: float) -> None:
         """Cache an agent's identity for ``renew_by_key``."""

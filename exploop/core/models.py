@@ -54,6 +54,11 @@ class Agent(Model):
     last_seen: Mapped[datetime | None] = mapped_column(DateTime)
     # Set by the controller when it finds the lease gone (logged once), cleared on renewal.
     lease_expired_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The agent's current start (an id it sends with every renewal and claim): a new one means
+    # the previous process is gone, and the jobs it held are requeued at once.
+    incarnation: Mapped[str | None] = mapped_column(String(64))
+    # Set when the agent announced a graceful stop (released its lease); cleared on renewal.
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     @property
@@ -113,6 +118,7 @@ class Job(Model):
     time_limit: Mapped[int] = mapped_column(Integer)  # seconds
     agent_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("agents.id", ondelete="SET NULL"), index=True)
     agent_name: Mapped[str | None] = mapped_column(String(100))  # kept when the agent record is deleted
+    incarnation: Mapped[str | None] = mapped_column(String(64))  # the agent start that claimed the current attempt
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     progress: Mapped[int] = mapped_column(Integer, default=0)
     progress_message: Mapped[str | None] = mapped_column(String(255))

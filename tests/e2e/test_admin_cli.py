@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from admin.cli import AGENT_STATUSES, JOB_STATUSES, main
 from exploop.client import ApiClientError, PlatformClient
 from exploop.run.children import free_port, script
+from exploop.vocabulary import AGENT_STATUSES as FLEET_AGENT_STATUSES
 from exploop.vocabulary import JOB_STATUSES as MODEL_JOB_STATUSES
 from tests.support.live_stack import cli, heartbeat, lines_of, start_live_stack, submit_job
 from tests.support.stack import auth
@@ -127,7 +128,7 @@ def test_missing_token_says_where_to_get_one():
 
 def test_cli_status_choices_match_the_api():
     assert JOB_STATUSES == MODEL_JOB_STATUSES
-    assert set(AGENT_STATUSES) == {"online", "draining", "offline", "disabled"}
+    assert AGENT_STATUSES == FLEET_AGENT_STATUSES
 
 
 # --- bootstrap tokens -------------------------------------------------------------------
@@ -417,7 +418,8 @@ def test_cluster_info(live):
     assert re.fullmatch(r"\d+/\d+ job slots in use( \(\d+%\))?", fields["Capacity"])
     region = columns([line for line in out.splitlines() if line.startswith("us-east-1 ")][0])
     header = columns(lines_of(out, "REGION")[0])
-    assert header == ["REGION", "ONLINE", "DRAINING", "OFFLINE", "DISABLED", "JOBS"] and region[0] == "us-east-1"
+    assert header == ["REGION", "ONLINE", "DRAINING", "STOPPING", "OFFLINE", "DISABLED", "JOBS"]
+    assert region[0] == "us-east-1"
     queue = row_of(out, "sca.us-east-1")
     assert int(queue[1]) >= 1  # the job waits in its queue: no real agent consumes it
     for label in ("Pending:", "Queued:", "Running:", "Failed (24h):", "Completed (24h):"):

@@ -127,7 +127,9 @@ def test_secrets_job_reads_history(scan_stack, tmp_path):
 
 
 def _workspaces(tmp: Path) -> list[Path]:
-    return [p for p in tmp.iterdir() if p.name.startswith("exploop-")]
+    """Job checkouts in the agent's TMPDIR (each under the agent's ``exploop-work-<name>/``)."""
+    return [job for root in tmp.glob("exploop-work-*") for job in root.iterdir()] + \
+        [p for p in tmp.iterdir() if p.name.startswith("exploop-") and not p.name.startswith("exploop-work-")]
 
 
 def _scanner_processes(marker: str) -> list[int]:
@@ -175,7 +177,8 @@ def test_bad_input_fails_clearly_and_agent_keeps_working(tmp_path, database_url,
         error = failed(f"file://{slow}", "secrets")
         assert error.startswith("job timeout during scanner secrets: time limit reached after")
         assert error.endswith("process group killed (attempt 1 of 1)")
-        assert "job timeout, will retry" in agent.output()
+        # The last attempt: the runbook's "failed permanently", never a false "will retry".
+        assert "job failed permanently" in agent.output() and "will retry" not in agent.output()
         assert _scanner_processes("workers.scanners.secrets") == []
 
         # The agent is healthy and the next job runs normally.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import requests
 
-from exploop.run.children import Child, free_port, script, wait_http
+from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
-__all__ = ["Stack", "auth", "make_git_repo"]
+__all__ = ["Stack", "RestartableRedis", "auth", "make_git_repo"]
 
 
 def auth(token: str) -> dict:
@@ -150,3 +150,19 @@ def make_git_repo(path: Path, files: dict[str, str]) -> str:
                 ["git", "commit", "-q", "-m", "initial"]):
         subprocess.run(cmd, cwd=path, env=env, check=True)
     return f"file://{path}"
+
+
+class RestartableRedis:
+    """A private redis-server a test may restart (empty, as a Redis without persistence comes back)."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = tmp / f"redis-{self.port}.log"
+        self.child = start_redis(self.port, self.log_path)
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    def start(self) -> None:
+        self.child = start_redis(self.port, self.log_path)
