@@ -33,6 +33,9 @@ def create_app(test_config: dict | None = None) -> Flask:
                                   socket_connect_timeout=3, health_check_interval=30)
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
+    reads = _fleet_read_client(app)
+    app.extensions["redis_reads"] = reads
+    app.extensions["lease_reads"] = LeaseStore(reads)
     app.extensions["auth_throttle"] = _auth_throttle(app, client)
     parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
@@ -60,6 +63,19 @@ def create_app(test_config: dict | None = None) -> Flask:
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
     return app
+
+
+def _fleet_read_client(app: Flask) -> redis.Redis:
+    """Redis for what operators read in an incident: short timeouts, one reconnect, no retry
+    on a timeout, so a hung Redis costs one FLEET_READ_TIMEOUT, not the default retries."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    timeout = parse_duration(app.config["FLEET_READ_TIMEOUT"], "EXPLOOP_FLEET_READ_TIMEOUT")
+    return redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                                health_check_interval=30)
 
 
 def _non_negative_int(app: Flask, name: str, minimum: int = 0) -> int:

@@ -15,6 +15,7 @@ import re
 from datetime import timedelta
 from urllib.parse import urlparse
 
+import redis
 from flask import current_app
 from sqlalchemy import func, select, update
 
@@ -24,7 +25,7 @@ from .errors import ApiError
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
-from .metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
+from .metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS, UNSERVED_SUBMITS
 from .routing import RUN_SCAN, queue_for
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,35 @@ def known_regions() -> set[str]:
     return configured | registered
 
 
+def unserved_warning(capability: str, region: str) -> str | None:
+    """Why no agent takes jobs from ``<capability>.<region>`` now, or None when one does.
+
+    A submit naming its region is accepted (an agent may come), but the tenant is told,
+    and the count is a metric, rather than silence while the job waits.
+    """
+    queue = queue_for(capability, region)
+    agents = [a for a in db.session.scalars(select(Agent).where(Agent.region == region,
+                                                                  Agent.disabled.is_(False)))
+              if capability in a.capability_list]
+    if not agents:
+        reason = "no_agent"
+        message = (f"no registered agent serves {queue}: the job waits until an agent with capability"
+                   f" {capability!r} runs in region {region!r}")
+    else:
+        try:
+            leases = current_app.extensions["lease_reads"].get_many([a.name for a in agents], with_ttl=False)
+        except redis.RedisError:
+            return None  # cannot tell: no warning rather than a wrong one
+        if any(leases.get(a.name) is not None and a.desired_state == "active" for a in agents):
+            return None
+        reason = "no_live_agent"
+        message = (f"no live agent consumes {queue} now ({len(agents)} registered, none online):"
+                   " the job waits until one is")
+    UNSERVED_SUBMITS.labels(capability, region, reason).inc()
+    logger.warning("job submitted to a queue nobody consumes queue=%s reason=%s", queue, reason)
+    return message
+
+
 def choose_region(capability: str) -> str:
     """Region for a job that names none: the live, active region with most free slots.
 
@@ -74,12 +104,15 @@ def choose_region(capability: str) -> str:
     agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
     candidates = [a for a in agents if capability in a.capability_list]
     live = leases.get_many([a.name for a in candidates])
+    # Running jobs from the job records: a lease body lags a heartbeat.
+    running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
+        Job.status == "running").group_by(Job.agent_id)).all())
     free: dict[str, int] = {}
     for agent in candidates:
         lease = live.get(agent.name)
         if lease is None or agent.desired_state != "active":
             continue
-        slots = agent.max_jobs - int(lease.get("jobs_running", 0))
+        slots = agent.max_jobs - running.get(agent.id, 0)
         free[agent.region] = free.get(agent.region, 0) + max(slots, 0)
     if not free:
         raise ApiError(409, f"no live agent with capability {capability!r} in any region;"

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import requests
 
-from .config import data_dir
+from .config import DEFAULT_KEY_FILE, agent_key_file, data_dir
 from .procs import Child, free_port, script, start_redis, wait_http
 
 __all__ = ["LocalStack"]
 
 REGION = "local"
+AGENT_NAME = "agent-local-1"
 
 
 def _port_free(port: int) -> bool:
@@ -97,8 +98,9 @@ class LocalStack:
         agent_home = self.dir / "agent"
         agent_env = dict(os.environ, API_URL=self.api_url, EXPLOOP_STATE_DIR=str(agent_home),
                          REGION=REGION, CAPABILITIES="sast,sca,secrets", MAX_CONCURRENT_JOBS="2",
-                         AGENT_NAME="agent-local-1", METRICS_PORT=str(self.metrics_port))
-        if not (agent_home / "agent.json").exists():
+                         AGENT_NAME=AGENT_NAME, METRICS_PORT=str(self.metrics_port))
+        # Its key from an earlier run (agent.json: saved before keys were kept per name).
+        if not agent_key_file(agent_home, AGENT_NAME).exists() and not (agent_home / DEFAULT_KEY_FILE).exists():
             agent_env["BOOTSTRAP_TOKEN"] = self._admin(creds, "POST", "/admin/v1/tokens",
                                                        {"max_uses": 1, "expires": "10m"})["token"]
         self._spawn("agent", [script("exploop-agent")], agent_env)

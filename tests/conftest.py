@@ -17,6 +17,7 @@ from sqlalchemy import create_engine
 
 from exploop import create_app
 from exploop.app import init_db
+from exploop.config import agent_key_file
 from exploop.extensions import db
 from exploop.models import AdminToken, Tenant
 from exploop.procs import Child, free_port, script, start_redis, wait_http
@@ -174,7 +175,7 @@ class Stack:
         if name:
             agent_env["AGENT_NAME"] = name
         if "API_KEY" not in env and "BOOTSTRAP_TOKEN" not in env \
-                and not (home / ".exploop" / "agent.json").exists():
+                and not agent_key_file(home / ".exploop", name).exists():
             agent_env["BOOTSTRAP_TOKEN"] = self.bootstrap_token()
         agent_env.update(env)
         child = Child(f"agent-{len(self.agents)}", [script("exploop-agent")], env=agent_env,

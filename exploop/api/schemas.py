@@ -187,6 +187,12 @@ class JobOut(Strict):
     finished_at = UTCDateTime(allow_none=True)
 
 
+class JobCreated(JobOut):
+    warning = fields.String(metadata={"description": "present when no agent consumes the job's queue now"
+                                                     " (none registered serves it, or none is online):"
+                                                     " the job is accepted and waits"})
+
+
 class JobPage(Page):
     items = fields.List(fields.Nested(JobOut))
 
@@ -467,13 +473,18 @@ class AgentCreated(AgentOut):
     api_key = fields.String()
 
 
+_DEGRADED = {"description": "present when Redis could not be read: what is unknown, and what comes"
+                            " from the database instead"}
+
+
 class AgentPage(Page):
     items = fields.List(fields.Nested(AgentOut))
+    degraded = fields.String(metadata=_DEGRADED)
 
 
 class AgentListArgs(PageArgs):
     region = fields.String(validate=_REGION)
-    status = fields.String(validate=validate.OneOf(("online", "offline", "draining", "disabled")))
+    status = fields.String(validate=validate.OneOf(("online", "offline", "draining", "disabled", "unknown")))
 
 
 class AdminJobOut(JobOut):
@@ -504,6 +515,7 @@ class AgentJobOut(Strict):
 
 class AgentDetailOut(AgentOut):
     recent_jobs = fields.List(fields.Nested(AgentJobOut))
+    degraded = fields.String(metadata=_DEGRADED)
 
 
 class AuditEventOut(Strict):
@@ -584,5 +596,11 @@ class ClusterInfoOut(Strict):
     redis = fields.String()
     agents = fields.Nested(AgentsInfo)
     capacity = fields.Nested(CapacityInfo)
-    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
+                         metadata={"description": "messages waiting per broker queue (null: Redis unreadable)"})
+    consumers = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
+                            metadata={"description": "online agents consuming each queue (null: unknown)"})
+    unconsumed = fields.List(fields.String(), metadata={
+        "description": "queues with jobs waiting (broker depth or queued job records) and no online agent"})
     jobs = fields.Nested(JobCounts)
+    degraded = fields.String(metadata=_DEGRADED)
