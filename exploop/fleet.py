@@ -2,7 +2,9 @@
 
 Status is derived, never stored: ``online`` = lease present and desired state
 active; ``draining`` = lease present and desired state draining; ``offline`` =
-no lease; ``disabled`` = switched off by an admin.
+no lease; ``disabled`` = switched off by an admin; ``unknown`` = Redis could not be
+read (the views then come from the database alone). Running jobs are counted from
+the job records, never from a lease body.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, sec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["agent_status", "describe_agents", "fleet_view", "running_jobs", "register_agent", "create_agent", "renew_lease",
-           "renew_lease_cached", "forget_agent", "lease_ttl",
+__all__ = ["agent_status", "describe_agents", "fleet_view", "running_jobs", "register_agent", "create_agent",
+           "renew_lease", "renew_lease_cached", "forget_agent", "lease_ttl",
            "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
 
 #: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.

@@ -87,9 +87,9 @@ class LeaseStore:
             pipe.ttl(key)
         values, renewals, *ttls = pipe.execute()
         leases: dict[str, dict | None] = {}
-        for name, raw, ttl in zip(agents, values, ttls):
+        for name, raw, ttl in zip(agents, values, ttls, strict=True):
             leases[name] = None if raw is None else dict(json.loads(raw), ttl=max(ttl, 0))
-        renewed = {name: float(value) for name, value in zip(agents, renewals) if value is not None}
+        renewed = {name: float(value) for name, value in zip(agents, renewals, strict=True) if value is not None}
         return leases, renewed
 
     def get(self, agent: str) -> dict | None:
