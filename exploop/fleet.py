@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets as _secrets
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import redis
 from flask import current_app
@@ -57,7 +57,7 @@ def running_jobs(agent_ids: list[int]) -> dict[int, list[str]]:
 
 
 def _naive_utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
+    return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
 
 
 def fleet_view(agents: list[Agent]) -> tuple[list[dict], str | None]:

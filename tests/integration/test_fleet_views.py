@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -65,7 +65,7 @@ def test_last_seen_is_the_last_renewal(stack, redis_client):
 
     def renewed_at() -> datetime:
         value = float(redis_client.hget(LAST_RENEWAL_KEY, "agent-seen"))
-        return datetime.fromtimestamp(value, timezone.utc).replace(tzinfo=None)
+        return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
 
     # The database copy is written at most once a minute; wait until renewals are past it.
     stack.wait_for(lambda: (renewed_at() - stored_last_seen()).total_seconds() > 3, 30, "renewals after the copy")
