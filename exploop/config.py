@@ -17,7 +17,7 @@ from typing import Mapping
 __all__ = [
     "ConfigError", "parse_duration", "format_duration", "server_defaults",
     "AgentSettings", "CAPABILITIES", "data_dir", "parse_size", "format_size", "ScannerSettings",
-    "agent_key_file", "DEFAULT_KEY_FILE",
+    "agent_key_file", "DEFAULT_KEY_FILE", "local_stack_record",
 ]
 
 #: Scan capabilities the platform knows; agents advertise a subset.
@@ -53,6 +53,11 @@ def format_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def local_stack_record() -> Path:
+    """Where ``exploop up`` notes its data directory, for commands run from elsewhere."""
+    return Path.home() / ".exploop" / "local-stack.json"
 
 
 def data_dir() -> Path:

@@ -149,6 +149,7 @@ def register_agent(data: dict) -> tuple[Agent, str]:
         security_event("invalid_token", "bootstrap", "reason=unknown")
         logger.warning("invalid bootstrap token: unknown token")
         raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
+    data = dict(data, region=data.get("region") or _auto_region(token))
     _check_constraints(token, data)
     # Spend one use atomically: concurrent registrations cannot exceed max_uses.
     spent = db.session.execute(update(BootstrapToken).where(
@@ -170,6 +171,22 @@ def register_agent(data: dict) -> tuple[Agent, str]:
     logger.info("agent registered agent=%s region=%s capabilities=%s",
                 name, agent.region, agent.capabilities)
     return agent, key
+
+
+#: Region of an agent registered with REGION=auto on a server that knows no region yet.
+DEFAULT_REGION = "default"
+
+
+def _auto_region(token: BootstrapToken) -> str:
+    """REGION=auto: the token's region, else the server's only region, else ``default``."""
+    if token.region:
+        return token.region
+    configured = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
+    regions = configured | set(db.session.scalars(select(Agent.region).distinct()))
+    if len(regions) > 1:
+        raise ApiError(400, "region required: this server has several regions",
+                       {"region": [f"set REGION to one of {', '.join(sorted(regions))}"]})
+    return next(iter(regions), DEFAULT_REGION)
 
 
 def _check_constraints(token: BootstrapToken, data: dict) -> None:

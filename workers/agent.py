@@ -143,12 +143,14 @@ def obtain_key(settings: AgentSettings) -> str:
         raise ConfigError("API_KEY or BOOTSTRAP_TOKEN: one is required (no saved key in "
                           f"{settings.state_dir})")
     client = PlatformClient(settings.api_url)
-    fields = {"region": settings.region or "default",
-              "capabilities": list(settings.capabilities or AgentSettings.DEFAULT_CAPABILITIES),
+    # Without REGION (or REGION=auto) the API picks: the token's region, else its only one.
+    fields = {"capabilities": list(settings.capabilities or AgentSettings.DEFAULT_CAPABILITIES),
               "max_jobs": settings.max_concurrent_jobs or AgentSettings.DEFAULT_MAX_JOBS,
               "version": __version__, "host": settings.host}
     if settings.agent_name:
         fields["name"] = settings.agent_name
+    if settings.region:
+        fields["region"] = settings.region
     try:
         reply = _with_retries(lambda: client.register(settings.bootstrap_token, **fields), "register")
     except ApiClientError as exc:

@@ -222,7 +222,9 @@ class FindingPage(Page):
 class RegisterIn(Lenient):
     token = fields.String(required=True, validate=validate.Length(min=1, max=200))
     name = fields.String(validate=_NAME)
-    region = fields.String(required=True, validate=_REGION)
+    region = fields.String(validate=_REGION, metadata={
+        "description": "absent (the agent's REGION=auto): the bootstrap token's region, else the"
+                       " server's only region, else 'default'; with several regions it is required"})
     capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES)),
                                required=True, validate=validate.Length(min=1))
     max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
