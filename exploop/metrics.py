@@ -80,7 +80,10 @@ class FleetCollector:
             by_key: dict[tuple, int] = {}
             slots: dict[str, list[int]] = {}
             queues = set(self.app.extensions["celery"].amqp.queues.keys())
+            consumers: dict[str, int] = {}
             for view in views:
+                for queue in queues_for(view["capabilities"], view["region"]):
+                    consumers[queue] = consumers.get(queue, 0) + (view["status"] == "online")
                 by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
                 if view["status"] in ("online", "draining"):
@@ -96,6 +99,13 @@ class FleetCollector:
             yield agents
             yield running
             yield capacity
+            if not any(view["status"] == "unknown" for view in views):  # Redis unreadable: no guess
+                family = GaugeMetricFamily("exploop_queue_consumers",
+                                           "Online agents consuming each queue (0 with jobs waiting: nobody"
+                                           " will run them).", labels=["queue"])
+                for queue in sorted(queues | set(consumers)):
+                    family.add_metric([queue], consumers.get(queue, 0))
+                yield family
             db.session.remove()
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
