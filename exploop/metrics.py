@@ -107,10 +107,12 @@ class FleetCollector:
                     family.add_metric([queue], consumers.get(queue, 0))
                 yield family
             db.session.remove()
+            if any(view["status"] == "unknown" for view in views):
+                return  # Redis unreadable: no depth rather than a scrape held for its retries
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
                                       labels=["queue"])
-            for queue, n in queue_depths(self.app.extensions["redis"], queues).items():
+            for queue, n in queue_depths(self.app.extensions["redis_reads"], queues).items():
                 depth.add_metric([queue], n)
             yield depth
 
