@@ -43,6 +43,8 @@ class Session:
                  timeout: float = 10.0):
         self.options = (api_url, token, context)
         self.timeout = timeout
+        #: What the last list could not know (the API's ``degraded``: Redis unreadable).
+        self.degraded: str | None = None
 
     @cached_property
     def target(self) -> Target:
@@ -61,9 +63,11 @@ class Session:
         items: list[dict] = []
         page = 1
         per_page = min(limit, PAGE_SIZE) if limit else PAGE_SIZE
+        self.degraded = None
         while True:
             body = self.client.get(path, params={**(params or {}), "page": page, "per_page": per_page})
             items.extend(body["items"])
+            self.degraded = body.get("degraded") or self.degraded
             total = body["total"]
             if limit and len(items) >= limit:
                 return items[:limit], total
@@ -228,7 +232,7 @@ def _show_list(session: Session, kind: str, path: str, params: dict, limit: int,
 
     def frame():
         items, total = session.fetch(path, params, limit)
-        notes = []
+        notes = [f"warning: degraded: {session.degraded}"] if session.degraded else []
         if not items and fmt in ("table", "wide"):
             return "", [f"No {plural} found."]
         if limit and total > len(items):
@@ -359,9 +363,10 @@ def describe_agent(session, name, output_format, watch):
     """Show an agent: status, Jobs, lease TTL, last seen, desired state, recent jobs."""
     def frame():
         view = session.client.get(_path("agents", name))
+        notes = [f"warning: degraded: {view['degraded']}"] if view.get("degraded") else []
         if output_format == "text":
-            return output.describe_agent(view), []
-        return output.render_doc(view, output_format), []
+            return output.describe_agent(view), notes
+        return output.render_doc(view, output_format), notes
     _run(frame, watch)
 
 
@@ -405,6 +410,10 @@ def cluster_info(session, output_format, watch):
         info = session.client.get("/admin/v1/cluster-info")
         problems = [f"{name}: {info[name]}" for name in ("database", "redis") if info[name] != "ok"]
         notes = [f"warning: cluster degraded ({'; '.join(problems)})"] if problems else []
+        if info.get("degraded"):
+            notes.append(f"warning: {info['degraded']}")
+        for queue in info.get("unconsumed") or []:
+            notes.append(f"warning: queue {queue} has jobs waiting and no online agent consumes it")
         if output_format == "text":
             return output.describe_cluster(info, session.target.api_url), notes
         return output.render_doc(info, output_format), notes

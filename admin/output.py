@@ -336,9 +336,14 @@ def describe_cluster(info: dict, api_url: str) -> str:
                 for name, r in sorted(regions.items())]
         out += "\n" + table(["REGION", *(s.upper() for s in statuses), "JOBS"], rows)
     queues = info["queues"]
+    consumers = info.get("consumers") or {}
+    unconsumed = set(info.get("unconsumed") or ())
     if queues:
-        out += "\n" + table(["QUEUE", "DEPTH"], [[name, "unknown" if depth is None else str(depth)]
-                                                 for name, depth in sorted(queues.items())])
+        rows = [[name, "unknown" if depth is None else str(depth),
+                 "unknown" if consumers.get(name) is None else str(consumers[name]),
+                 "NO CONSUMER" if name in unconsumed else ""]
+                for name, depth in sorted(queues.items())]
+        out += "\n" + table(["QUEUE", "DEPTH", "CONSUMERS", ""], rows)
     out += "\nJobs:\n" + fields([
         ("Pending", jobs["pending"]),
         ("Queued", jobs["queued"]),

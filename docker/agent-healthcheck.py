@@ -10,7 +10,8 @@ PlatformAgentOffline alert, not by restarting the container.
 Fallback, when nothing listens there (METRICS_PORT=off, or an agent build that
 serves no metrics): healthy when an ``exploop-agent`` process is alive (not a
 zombie) and the agent has an identity: API_KEY is set or its saved key file
-(``$EXPLOOP_STATE_DIR`` or ``$HOME/.exploop``, ``agent.json``) exists.
+(``$EXPLOOP_STATE_DIR`` or ``$HOME/.exploop``: ``agents/$AGENT_NAME.json``, or
+``agent.json``) exists.
 
 An endpoint that answers with an error or times out is unhealthy: the process is
 there but hung. Exit 0 healthy, 1 unhealthy, with one line saying why.
@@ -76,8 +77,11 @@ def identity() -> str | None:
         return "API_KEY"
     state_dir = os.environ.get("EXPLOOP_STATE_DIR") or os.path.join(
         os.environ.get("HOME") or os.path.expanduser("~"), ".exploop")
-    key_file = Path(state_dir) / "agent.json"
-    return str(key_file) if key_file.is_file() else None
+    # One key file per AGENT_NAME (agents/<name>.json); agent.json without a name, or from
+    # before keys were saved per name.
+    name = os.environ.get("AGENT_NAME", "").strip()
+    candidates = ([Path(state_dir) / "agents" / f"{name}.json"] if name else []) + [Path(state_dir) / "agent.json"]
+    return next((str(path) for path in candidates if path.is_file()), None)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = [
     "ConfigError", "parse_duration", "format_duration", "server_defaults",
     "AgentSettings", "CAPABILITIES", "data_dir", "parse_size", "format_size", "ScannerSettings",
+    "agent_key_file", "DEFAULT_KEY_FILE", "local_stack_record",
 ]
 
 #: Scan capabilities the platform knows; agents advertise a subset.
@@ -52,6 +53,11 @@ def format_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def local_stack_record() -> Path:
+    """Where ``exploop up`` notes its data directory, for commands run from elsewhere."""
+    return Path.home() / ".exploop" / "local-stack.json"
 
 
 def data_dir() -> Path:
@@ -112,6 +118,10 @@ def server_defaults() -> dict:
         # Reverse proxies in front of the API whose X-Forwarded-For is trusted, so the limit
         # above counts the real client, not the proxy (0: use the peer address).
         "PROXY_COUNT": 0,
+        # Socket timeout of the Redis reads behind `get agents`, `describe agent`,
+        # `cluster-info` and /health: when Redis hangs they answer degraded, from the
+        # database, well within the CLI's 10s timeout instead of waiting on Redis.
+        "FLEET_READ_TIMEOUT": "1s",
         "CELERY": {},
         "API_TITLE": "Exploop API",
         "API_VERSION": "v1",
@@ -143,6 +153,21 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
 _LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING",
                "warning": "WARNING", "error": "ERROR"}
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: Agent names, as the API accepts them (they also name the agent's key file).
+_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+#: The saved key of an agent started without AGENT_NAME (and, from before keys were
+#: saved per name, of any agent: a named agent still finds its own key there).
+DEFAULT_KEY_FILE = "agent.json"
+
+
+def agent_key_file(state_dir: Path, name: str | None) -> Path:
+    """Where an agent saves its key: ``agents/<AGENT_NAME>.json`` under its state directory
+    (``EXPLOOP_STATE_DIR``, default ``~/.exploop``), or ``agent.json`` without AGENT_NAME.
+
+    One file per name: two agents on one host, as one user, never share an identity.
+    """
+    return state_dir / "agents" / f"{name}.json" if name else state_dir / DEFAULT_KEY_FILE
 
 
 def _simulated(env: Mapping[str, str]) -> float | None:
@@ -257,7 +282,7 @@ class AgentSettings:
             log_level=_LOG_LEVELS[level],
             heartbeat_interval=parse_duration(env.get("HEARTBEAT_INTERVAL", "30s"), "HEARTBEAT_INTERVAL"),
             poll_timeout=parse_duration(env.get("POLL_TIMEOUT", "30s"), "POLL_TIMEOUT"),
-            agent_name=env.get("AGENT_NAME") or None,
+            agent_name=_agent_name(env),
             broker_url=env.get("BROKER_URL") or None,
             simulated_scan_seconds=_simulated(env),
             metrics_port=_metrics_port(env),
@@ -266,6 +291,13 @@ class AgentSettings:
             state_dir=state_dir,
             transport=transport,
         )
+
+
+def _agent_name(env: Mapping[str, str]) -> str | None:
+    name = (env.get("AGENT_NAME") or "").strip() or None
+    if name is not None and not _AGENT_NAME.match(name):
+        raise ConfigError(f"AGENT_NAME: invalid name {name!r} (letters, digits, '.', '_' and '-', max 100)")
+    return name
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

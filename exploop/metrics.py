@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["REQUEST_LATENCY", "JOB_DURATION", "QUEUE_WAIT", "STALE_CLAIMS", "JOBS_FINISHED", "SECURITY_EVENTS",
-           "AgentMetrics"]
+           "UNSERVED_SUBMITS", "AgentMetrics"]
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -38,6 +38,10 @@ STALE_CLAIMS = Counter(
 SECURITY_EVENTS = Counter(
     "exploop_security_events_total", "Authentication failures, access denials and invalid tokens.",
     ["kind", "audience"])
+UNSERVED_SUBMITS = Counter(
+    "exploop_jobs_unserved_submits_total",
+    "Jobs submitted to a queue no agent consumes: reason no_agent (none registered serves it)"
+    " or no_live_agent (registered ones all offline, draining).", ["capability", "region", "reason"])
 JOBS_FINISHED = Counter(
     "exploop_jobs_finished_total", "Jobs that reached a final state.", ["capability", "region", "status"])
 

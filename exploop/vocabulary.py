@@ -38,6 +38,7 @@ class AgentStatus(StrEnum):
     DISABLED = "disabled"  # an admin decision: leases and claims refused
     STOPPING = "stopping"  # a graceful stop the agent announced, until it exits
     OFFLINE = "offline"  # no lease: crashed, cut off, or stopped
+    UNKNOWN = "unknown"  # Redis unreadable: the lease, and so the status, is not known
 
 
 #: Plain strings, for click choices, schema validation and the OpenAPI enum.

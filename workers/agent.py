@@ -1,7 +1,8 @@
 """``exploop-agent``: the platform agent binary.
 
 Reads the runbook's environment variables, gets its identity (API_KEY, a saved
-key under ~/.exploop/, or a BOOTSTRAP_TOKEN exchanged once), asks the API for its
+key under EXPLOOP_STATE_DIR, default ~/.exploop/, one file per AGENT_NAME, or a
+BOOTSTRAP_TOKEN exchanged once), asks the API for its
 broker, then runs a Celery worker named after the agent on ``<cap>.<REGION>`` for
 each capability, with the Lease Manager renewing its lease.
 """
@@ -23,7 +24,7 @@ from celery.signals import worker_process_init
 from exploop import __version__
 from exploop.celery_app import make_celery
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
-from exploop.config import AgentSettings, ConfigError
+from exploop.config import DEFAULT_KEY_FILE, AgentSettings, ConfigError, agent_key_file
 from exploop.logs import setup_logging
 from exploop.routing import queues_for
 from exploop.vocabulary import DesiredState
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("exploop.agent")
 
 __all__ = ["main", "AgentRuntime"]
-
-CREDENTIALS_FILE = "agent.json"
 
 
 @dataclass
@@ -84,19 +83,48 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
-def _load_saved(settings: AgentSettings) -> dict | None:
-    path = settings.state_dir / CREDENTIALS_FILE
+def _read_key(path: Path) -> dict | None:
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return saved if saved.get("api_url") == settings.api_url and saved.get("api_key") else None
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable saved key file=%s (%s)", path, exc)
+        return None
+    return saved if isinstance(saved, dict) and saved.get("api_key") else None
+
+
+def _load_saved(settings: AgentSettings) -> tuple[dict, Path] | None:
+    """This agent's saved key and its file: ``agents/<AGENT_NAME>.json`` (or ``agent.json``
+    without AGENT_NAME); a named agent also finds its key in ``agent.json`` saved before
+    keys were kept per name. A key saved for another API is not used."""
+    name = settings.agent_name
+    path = agent_key_file(settings.state_dir, name)
+    saved = _read_key(path)
+    if saved is not None and name and saved.get("name") != name:
+        raise ConfigError(f"AGENT_NAME: {name!r} but {path} holds the key of agent {saved.get('name')!r};"
+                          " remove that file or fix AGENT_NAME")
+    if saved is None and name:
+        legacy = settings.state_dir / DEFAULT_KEY_FILE
+        other = _read_key(legacy)
+        if other is not None and other.get("name") == name:
+            saved, path = other, legacy
+        elif other is not None and not settings.bootstrap_token:
+            # The mistake that made a second agent on a host run as the first one.
+            raise ConfigError(
+                f"AGENT_NAME: no saved key for agent {name!r} in {settings.state_dir} ({legacy} is agent"
+                f" {other.get('name')!r}); set BOOTSTRAP_TOKEN or API_KEY to run {name!r}, or unset"
+                f" AGENT_NAME to run as {other.get('name')!r}")
+    if saved is None or saved.get("api_url") != settings.api_url:
+        return None
+    return saved, path
 
 
 def _save(settings: AgentSettings, name: str, api_key: str) -> Path:
     """Save the agent's key (0600) so a restart reuses it instead of a spent token."""
+    path = agent_key_file(settings.state_dir, settings.agent_name)
     settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = settings.state_dir / CREDENTIALS_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -122,21 +150,23 @@ def obtain_key(settings: AgentSettings) -> str:
     """API_KEY, else the saved key, else register with BOOTSTRAP_TOKEN (and save the key)."""
     if settings.api_key:
         return settings.api_key
-    saved = _load_saved(settings)
-    if saved:
-        logger.info("using saved agent key name=%s file=%s", saved.get("name"),
-                    settings.state_dir / CREDENTIALS_FILE)
+    found = _load_saved(settings)
+    if found:
+        saved, path = found
+        logger.info("using saved agent key name=%s file=%s", saved.get("name"), path)
         return saved["api_key"]
     if not settings.bootstrap_token:
         raise ConfigError("API_KEY or BOOTSTRAP_TOKEN: one is required (no saved key in "
                           f"{settings.state_dir})")
     client = PlatformClient(settings.api_url)
-    fields = {"region": settings.region or "default",
-              "capabilities": list(settings.capabilities or AgentSettings.DEFAULT_CAPABILITIES),
+    # Without REGION (or REGION=auto) the API picks: the token's region, else its only one.
+    fields = {"capabilities": list(settings.capabilities or AgentSettings.DEFAULT_CAPABILITIES),
               "max_jobs": settings.max_concurrent_jobs or AgentSettings.DEFAULT_MAX_JOBS,
               "version": __version__, "host": settings.host}
     if settings.agent_name:
         fields["name"] = settings.agent_name
+    if settings.region:
+        fields["region"] = settings.region
     try:
         reply = _with_retries(lambda: client.register(settings.bootstrap_token, **fields), "register")
     except ApiClientError as exc:
@@ -163,6 +193,9 @@ def build_runtime(settings: AgentSettings) -> tuple[AgentRuntime, dict]:
                   " (deleted or disabled agent, or wrong API_KEY)")
         _fail(exc.message)
     identity = config["agent"]
+    if settings.agent_name and identity["name"] != settings.agent_name:
+        raise ConfigError(f"AGENT_NAME: {settings.agent_name!r} but this key (API_KEY or the saved key)"
+                          f" belongs to agent {identity['name']!r}; use that agent's name or its own key")
     if settings.region and settings.region != identity["region"]:
         logger.warning("REGION=%s ignored: agent %s is registered in %s",
                        settings.region, identity["name"], identity["region"])

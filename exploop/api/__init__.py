@@ -63,6 +63,15 @@ class _Parser(FlaskParser):
     DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION,
                                    "query": RAISE, "querystring": RAISE}
 
+    def handle_error(self, error, req, schema, *, error_status_code, error_headers):
+        _authenticate_first()
+        super().handle_error(error, req, schema, error_status_code=error_status_code,
+                             error_headers=error_headers)
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        _authenticate_first()
+        super()._handle_invalid_json_error(error, req, *args, **kwargs)
+
     def _raw_load_json(self, req):
         """Strict JSON: no NaN or Infinity (they would be stored and sent back as invalid
         JSON); a body nested too deeply or with an over-long integer is invalid JSON (400),
@@ -85,6 +94,19 @@ class _Parser(FlaskParser):
         except (UnicodeDecodeError, RecursionError, ValueError) as exc:
             raise json.JSONDecodeError(f"invalid JSON ({exc.__class__.__name__})",
                                        doc=raw.decode("utf-8", "replace") or " ", pos=0) from None
+
+
+def _authenticate_first() -> None:
+    """401 before 400: an unauthenticated request learns nothing about the schema.
+
+    Arguments are parsed before the view's auth decorator runs; only on invalid input
+    (the rare path) is the credential checked here first, so valid requests pay nothing.
+    The auth decorators leave their check on the view as ``exploop_auth``.
+    """
+    from flask import current_app, request
+    check = getattr(current_app.view_functions.get(request.endpoint or ""), "exploop_auth", None)
+    if check is not None:
+        check()
 
 
 def _has_nul(value) -> bool:

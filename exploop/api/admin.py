@@ -20,7 +20,7 @@ from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
-from ..routing import queues_for
+from ..routing import queue_for, queues_for
 from ..vocabulary import AgentStatus, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
@@ -232,19 +232,26 @@ def create_agent(data):
 @bp.response(200, AgentPage)
 @admin_required()
 def list_agents(args):
-    """Agents with their live status (lease) and load, by name."""
+    """Agents with their live status (lease), running jobs (job records) and capacity, by name.
+
+    When Redis cannot be read, the page comes from the database alone and ``degraded``
+    says what is unknown.
+    """
     query = select(Agent).order_by(Agent.name)
     if args.get("region"):
         query = query.where(Agent.region == args["region"])
     if args.get("status"):
         # Status lives in Redis: filter the whole fleet, then page.
-        views = [v for v in fleet.describe_agents(db.session.scalars(query).all())
-                 if v["status"] == args["status"]]
+        views, unknown = fleet.fleet_view(db.session.scalars(query).all())
+        views = [v for v in views if v["status"] == args["status"]]
         start = (args["page"] - 1) * args["per_page"]
-        return {"items": views[start:start + args["per_page"]], "page": args["page"],
+        page = {"items": views[start:start + args["per_page"]], "page": args["page"],
                 "per_page": args["per_page"], "total": len(views)}
-    page = paged(query, args)
-    page["items"] = fleet.describe_agents(page["items"])
+    else:
+        page = paged(query, args)
+        page["items"], unknown = fleet.fleet_view(page["items"])
+    if unknown:
+        page["degraded"] = unknown
     return page
 
 
@@ -253,8 +260,11 @@ def list_agents(args):
 @bp.errors(404)
 @admin_required()
 def get_agent(name):
-    """One agent with its lease, load, state and the jobs it ran most recently."""
-    view = fleet.describe_agents([_agent(name)])[0]
+    """One agent with its lease, running jobs, state and the jobs it ran most recently."""
+    views, unknown = fleet.fleet_view([_agent(name)])
+    view = views[0]
+    if unknown:
+        view["degraded"] = unknown
     recent = (select(Job).options(selectinload(Job.tenant)).where(Job.agent_name == name)
               .order_by(func.coalesce(Job.started_at, Job.created_at).desc(), Job.id)
               .limit(RECENT_JOBS))
@@ -368,6 +378,7 @@ def delete_agent(name):
     db.session.commit()
     fleet.forget_agent(agent)
     current_app.extensions["leases"].release(agent.name)
+    current_app.extensions["leases"].forget_renewals(agent.name)
 
 
 # --- jobs -----------------------------------------------------------------------
@@ -431,58 +442,78 @@ def cancel_job(job_id):
 @bp.response(200, ClusterInfoOut)
 @admin_required()
 def cluster_info():
-    """Fleet overview: dependencies, agents by region, capacity, queue depth, jobs."""
+    """Fleet overview: dependencies, agents by region, capacity, queues with their consumers, jobs.
+
+    Answers within about FLEET_READ_TIMEOUT when Redis hangs or is down: what Redis holds
+    (leases, queue depths, consumers) is then reported unknown, the rest comes from the database.
+    """
     checks = check_dependencies()
+    redis_ok = checks["redis"] == "ok"
     # Columns, not ORM objects, and lease bodies without TTLs: one query and one MGET
     # even for a fleet of thousands.
-    agents = db.session.execute(select(Agent.name, Agent.region, Agent.capabilities, Agent.max_jobs,
-                                       Agent.desired_state, Agent.disabled)).all()
-    try:
-        leases = current_app.extensions["leases"].get_many([a.name for a in agents], with_ttl=False)
-    except redis.RedisError:
-        leases = None  # unreadable: report what the database knows rather than fail
+    agents = db.session.execute(select(Agent.id, Agent.name, Agent.region, Agent.capabilities,
+                                       Agent.max_jobs, Agent.desired_state, Agent.disabled)).all()
+    leases = None
+    if redis_ok:
+        try:
+            leases = current_app.extensions["lease_reads"].get_many([a.name for a in agents], with_ttl=False)
+        except redis.RedisError as exc:
+            checks["redis"] = f"error: {exc.__class__.__name__}"
+    running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
+        Job.status == JobStatus.RUNNING).group_by(Job.agent_id)).all())
     regions: dict[str, dict] = {}
     by_status: dict[str, int] = {}
-    placements = set()
+    consumers: dict[str, int | None] = {}
     for agent in agents:
         lease = leases.get(agent.name) if leases is not None else None
-        if leases is None and not agent.disabled:
-            status = "unknown"
-        else:
-            status = fleet.agent_status(agent, lease)
+        status = AgentStatus.UNKNOWN if leases is None and not agent.disabled else fleet.agent_status(agent, lease)
         by_status[status] = by_status.get(status, 0) + 1
         region = regions.setdefault(agent.region, {"online": 0, "draining": 0, "stopping": 0, "offline": 0,
                                                    "disabled": 0, "unknown": 0, "jobs_running": 0,
                                                    "capacity": 0})
         region[status] += 1
-        if status in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
-            lease = lease or {}
-            region["jobs_running"] += int(lease.get("jobs_running", 0))
-            if status == "online":
-                region["capacity"] += int(lease.get("max_jobs") or agent.max_jobs)
-        placements.add((agent.capabilities, agent.region))
-    queues = set(current_app.extensions["celery"].amqp.queues.keys())
-    for capabilities, region in placements:
-        queues.update(queues_for([c for c in capabilities.split(",") if c], region))
-    try:
-        depths = current_app.extensions["broker"].depths(queues)
-    except redis.RedisError:
-        depths = {name: None for name in sorted(queues)}
+        region["jobs_running"] += running.get(agent.id, 0)
+        if status == AgentStatus.ONLINE:
+            region["capacity"] += agent.max_jobs
+        for queue in queues_for([c for c in agent.capabilities.split(",") if c], agent.region):
+            if leases is None:
+                consumers[queue] = None
+            else:
+                consumers[queue] = (consumers.get(queue) or 0) + (status == AgentStatus.ONLINE)
+    waiting = {queue_for(capability, region): n for capability, region, n in db.session.execute(
+        select(Job.capability, Job.region, func.count()).where(Job.status == JobStatus.QUEUED)
+        .group_by(Job.capability, Job.region))}
+    queues = set(current_app.extensions["celery"].amqp.queues.keys()) | set(consumers) | set(waiting)
+    for queue in queues:
+        consumers.setdefault(queue, None if leases is None else 0)
+    depths: dict[str, int | None] = {name: None for name in queues}
+    if leases is not None:
+        try:
+            depths = dict(current_app.extensions["broker_reads"].depths(queues))
+        except redis.RedisError as exc:
+            checks["redis"] = f"error: {exc.__class__.__name__}"
+    unconsumed = sorted(q for q in queues if consumers[q] == 0 and ((depths[q] or 0) > 0 or waiting.get(q, 0) > 0))
     since = utcnow() - timedelta(hours=24)
     counts: dict[str, int | None] = dict(jobs.status_counts())
     counts["failed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
         Job.status == JobStatus.FAILED, Job.finished_at >= since))
     counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
         Job.status == JobStatus.COMPLETED, Job.finished_at >= since))
-    return {
+    info = {
         "api": "ok", "version": __version__, **checks,
         "agents": {"total": len(agents), "by_status": by_status, "by_region": regions},
         "capacity": {"used": sum(r["jobs_running"] for r in regions.values()),
                      "total": sum(r["capacity"] for r in regions.values())},
-        "queues": depths,
+        "queues": dict(sorted(depths.items())),
+        "consumers": dict(sorted(consumers.items())),
+        "unconsumed": unconsumed,
         "jobs": {s: counts.get(s, 0) for s in ("pending", "queued", "running", "failed_24h",
                                                 "completed_24h")},
     }
+    if leases is None or checks["redis"] != "ok":
+        info["degraded"] = (f"Redis unreadable ({checks['redis']}): agent status, queue depths and consumers"
+                            " unknown; agents, capacity, running and queued jobs from the database")
+    return info
 
 
 # --- audit log ------------------------------------------------------------------

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import redis
 from flask import Flask, g, request, send_from_directory
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from swagger_ui_bundle import swagger_ui_path
@@ -42,6 +45,9 @@ def create_app(test_config: dict | None = None) -> Flask:
                                   socket_connect_timeout=3, health_check_interval=30)
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
+    reads = _fleet_read_client(app)
+    app.extensions["redis_reads"] = reads
+    app.extensions["lease_reads"] = LeaseStore(reads)
     app.extensions["auth_throttle"] = _auth_throttle(app, client)
     parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
@@ -54,6 +60,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         visibility_timeout=2 * time_limit + 600,
         overrides=celery_conf)
     app.extensions["broker"] = _broker(app, client)
+    app.extensions["broker_reads"] = _broker(app, reads, for_reads=True)  # queue depths in an incident
 
     api = Api(app, spec_kwargs={"components": {"securitySchemes": _SECURITY_SCHEMES}})
     app.extensions["smorest"] = api
@@ -67,6 +74,15 @@ def create_app(test_config: dict | None = None) -> Flask:
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)  # type: ignore[method-assign]  # Flask's documented way
     return app
+
+
+def _fleet_read_client(app: Flask, url: str | None = None) -> redis.Redis:
+    """Redis for what operators read in an incident: short timeouts, one reconnect, no retry
+    on a timeout, so a hung Redis costs one FLEET_READ_TIMEOUT, not the default retries."""
+    timeout = parse_duration(app.config["FLEET_READ_TIMEOUT"], "EXPLOOP_FLEET_READ_TIMEOUT")
+    return redis.Redis.from_url(url or app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                                health_check_interval=30)
 
 
 def _non_negative_int(app: Flask, name: str, minimum: int = 0) -> int:
@@ -170,10 +186,10 @@ def init_db(app: Flask) -> None:
     upgrade(app)
 
 
-def _broker(app: Flask, client: redis.Redis) -> Broker:
+def _broker(app: Flask, client: redis.Redis, *, for_reads: bool = False) -> Broker:
     """The broker's Redis (the same client when the broker is REDIS_URL) and kombu's key layout."""
     conf = app.extensions["celery"].conf
     if conf.broker_url != app.config["REDIS_URL"]:
-        client = redis.Redis.from_url(conf.broker_url, socket_timeout=5, socket_connect_timeout=3,
-                                      health_check_interval=30)
+        client = _fleet_read_client(app, conf.broker_url) if for_reads else redis.Redis.from_url(
+            conf.broker_url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
     return Broker(client, KeyLayout.from_transport_options(conf.broker_transport_options))

@@ -29,7 +29,7 @@ from . import document
 logger = logging.getLogger(__name__)
 
 __all__ = ["agent_required", "tenant_required", "admin_required", "bearer_token",
-           "auth_failure", "documented_auth", "SCHEMES"]
+           "auth_failure", "documented_auth", "authenticate", "SCHEMES"]
 
 #: OpenAPI security scheme per credential kind (all bearer tokens, told apart by prefix).
 SCHEMES = {"agent": "agentKey", "tenant": "tenantKey", "admin": "adminToken"}
@@ -84,15 +84,23 @@ def _unauthorized(kind: str, reason: str | None = None):
 
 def documented_auth(kind: str):
     """Document a view that checks a ``kind`` credential itself (the lease hot path)."""
-    codes = (401, 403, 429) if kind == "agent" else (401, 429)
-    return lambda view: document(view, *codes, security=SCHEMES[kind])
+    codes = (401, 403, 429) if kind == "agent" else (401, 429)  # 403: a disabled agent
+
+    def decorator(view):
+        view.exploop_auth = functools.partial(authenticate, kind)
+        return document(view, *codes, security=SCHEMES[kind])
+    return decorator
 
 
-def agent_required(view):
-    """Require a valid, enabled agent key (``ragent_...``); sets ``g.agent``. A disabled
-    agent's key is answered 403 ``{"reason": "disabled"}``."""
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
+def authenticate(kind: str, role: str = "viewer") -> None:
+    """Check the request's ``kind`` credential (``agent``, ``tenant``, ``admin``); set ``g.<kind>``.
+
+    Raises 401 (429 past the failure limit), and 403 when an admin token lacks ``role`` or
+    the agent is disabled.
+    A revoked admin token is told so (its holder can do nothing with that knowledge), and
+    a change refused for lack of role is written to the audit log.
+    """
+    if kind == "agent":
         agent = _lookup(Agent, bearer_token(), "ragent_")
         if agent is None:
             raise _unauthorized("agent")
@@ -100,46 +108,54 @@ def agent_required(view):
             raise ApiError(403, f"agent {agent.name!r} is disabled by an admin: no lease, no jobs until"
                                 f" `exploop-admin enable agent {agent.name}`", {"reason": "disabled"})
         g.agent = agent
-        return view(*args, **kwargs)
-    return document(wrapper, 401, 403, 429, security=SCHEMES["agent"])
-
-
-def tenant_required(view):
-    """Require a tenant API key (``rtenant_...``); sets ``g.tenant``."""
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
+    elif kind == "tenant":
         tenant = _lookup(Tenant, bearer_token(), "rtenant_")
         if tenant is None:
             raise _unauthorized("tenant")
         g.tenant = tenant
+    else:
+        token = _lookup(AdminToken, bearer_token(), "radmin_")
+        if token is None:
+            raise _unauthorized("admin")
+        if token.revoked_at is not None:
+            raise _unauthorized("admin", "revoked")
+        if role == "admin" and token.role != "admin":
+            security_event("access_denied", "admin", f"token={token.name} role={token.role}"
+                           f" path={request.path}")
+            audit(token.name, "permission denied", f"{request.method} {request.path}",
+                  f"role={token.role}")
+            db.session.commit()
+            raise ApiError(403, f"admin token {token.name!r} has role {token.role!r};"
+                                " this action needs 'admin'")
+        g.admin = token
+
+
+def _requires(view, kind: str, role: str = "viewer"):
+    """Wrap ``view`` with the check of a ``kind`` credential, also kept as ``exploop_auth``
+    for the argument parser (401 before 400, exploop.api)."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        authenticate(kind, role)
         return view(*args, **kwargs)
-    return document(wrapper, 401, 429, security=SCHEMES["tenant"])
+    # functools.wraps copies this onto every decorator above, up to the registered view.
+    wrapper.exploop_auth = functools.partial(authenticate, kind, role)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def agent_required(view):
+    """Require a valid, enabled agent key (``ragent_...``); sets ``g.agent``. A disabled
+    agent's key is answered 403 ``{"reason": "disabled"}``."""
+    return document(_requires(view, "agent"), 401, 403, 429, security=SCHEMES["agent"])
+
+
+def tenant_required(view):
+    """Require a tenant API key (``rtenant_...``); sets ``g.tenant``."""
+    return document(_requires(view, "tenant"), 401, 429, security=SCHEMES["tenant"])
 
 
 def admin_required(role: str = "viewer"):
-    """Require an admin token (``radmin_...``); ``role="admin"`` for changes.
-
-    A revoked token is told so (its holder can do nothing with that knowledge), and
-    a change refused for lack of role is written to the audit log.
-    """
+    """Require an admin token (``radmin_...``); ``role="admin"`` for changes."""
     def decorator(view):
-        @functools.wraps(view)
-        def wrapper(*args, **kwargs):
-            token = _lookup(AdminToken, bearer_token(), "radmin_")
-            if token is None:
-                raise _unauthorized("admin")
-            if token.revoked_at is not None:
-                raise _unauthorized("admin", "revoked")
-            if role == "admin" and token.role != "admin":
-                security_event("access_denied", "admin", f"token={token.name} role={token.role}"
-                               f" path={request.path}")
-                audit(token.name, "permission denied", f"{request.method} {request.path}",
-                      f"role={token.role}")
-                db.session.commit()
-                raise ApiError(403, f"admin token {token.name!r} has role {token.role!r};"
-                                    " this action needs 'admin'")
-            g.admin = token
-            return view(*args, **kwargs)
         codes = (401, 403, 429) if role == "admin" else (401, 429)
-        return document(wrapper, *codes, security=SCHEMES["admin"], role=role)
+        return document(_requires(view, "admin", role), *codes, security=SCHEMES["admin"], role=role)
     return decorator

@@ -41,7 +41,10 @@ class FleetCollector:
             by_key: dict[tuple, int] = {}
             slots: dict[str, list[int]] = {}
             queues = set(self.app.extensions["celery"].amqp.queues.keys())
+            consumers: dict[str, int] = {}
             for view in views:
+                for queue in queues_for(view["capabilities"], view["region"]):
+                    consumers[queue] = consumers.get(queue, 0) + (view["status"] == AgentStatus.ONLINE)
                 by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
                 if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
@@ -59,11 +62,21 @@ class FleetCollector:
             yield agents
             yield running
             yield capacity
+            redis_unreadable = any(view["status"] == AgentStatus.UNKNOWN for view in views)
+            if not redis_unreadable:  # no guess when the leases could not be read
+                family = GaugeMetricFamily("exploop_queue_consumers",
+                                           "Online agents consuming each queue (0 with jobs waiting: nobody"
+                                           " will run them).", labels=["queue"])
+                for queue in sorted(queues | set(consumers)):
+                    family.add_metric([queue], consumers.get(queue, 0))
+                yield family
             db.session.remove()
+            if redis_unreadable:
+                return  # no depth rather than a scrape held for Redis' retries
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
                                       labels=["queue"])
-            for queue, n in self.app.extensions["broker"].depths(queues).items():
+            for queue, n in self.app.extensions["broker_reads"].depths(queues).items():
                 depth.add_metric([queue], n)
             yield depth
 

@@ -23,7 +23,9 @@ def check_dependencies() -> dict[str, str]:
         db.session.rollback()
         checks["database"] = f"error: {exc.__class__.__name__}"
     try:
-        current_app.extensions["redis"].ping()
+        # The short-timeout client: a hung Redis makes this answer "error" within
+        # FLEET_READ_TIMEOUT rather than holding the request (and the operator) for its retries.
+        current_app.extensions["redis_reads"].ping()
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"error: {exc.__class__.__name__}"

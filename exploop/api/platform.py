@@ -55,6 +55,9 @@ def register(data):
 @agent_required
 def agent_config():
     """What an agent needs to run: its identity and the broker to consume from."""
+    # An agent asks this once per start: its next renewal reads the record (and updates
+    # version, host, max_jobs) instead of the cached identity of its previous run.
+    fleet.forget_agent(g.agent)
     config = current_app.config
     time_limit = int(parse_duration(config["JOB_TIME_LIMIT"]))
     return {"agent": g.agent,

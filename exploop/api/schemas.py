@@ -183,6 +183,12 @@ class JobOut(Strict):
     finished_at = UTCDateTime(allow_none=True)
 
 
+class JobCreated(JobOut):
+    warning = fields.String(metadata={"description": "present when no agent consumes the job's queue now"
+                                                     " (none registered serves it, or none is online):"
+                                                     " the job is accepted and waits"})
+
+
 class JobPage(Page):
     items = fields.List(fields.Nested(JobOut))
 
@@ -212,7 +218,9 @@ class FindingPage(Page):
 class RegisterIn(Lenient):
     token = fields.String(required=True, validate=validate.Length(min=1, max=200))
     name = fields.String(validate=_NAME)
-    region = fields.String(required=True, validate=_REGION)
+    region = fields.String(validate=_REGION, metadata={
+        "description": "absent (the agent's REGION=auto): the bootstrap token's region, else the"
+                       " server's only region, else 'default'; with several regions it is required"})
     capabilities = fields.List(fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR)),
                                required=True, validate=validate.Length(min=1))
     max_jobs = JsonInteger(load_default=5, validate=validate.Range(min=1, max=1000))
@@ -480,8 +488,13 @@ class AgentCreated(AgentOut):
     api_key = fields.String()
 
 
+_DEGRADED = {"description": "present when Redis could not be read: what is unknown, and what comes"
+                            " from the database instead"}
+
+
 class AgentPage(Page):
     items = fields.List(fields.Nested(AgentOut))
+    degraded = fields.String(metadata=_DEGRADED)
 
 
 class AgentListArgs(PageArgs):
@@ -517,6 +530,7 @@ class AgentJobOut(Strict):
 
 class AgentDetailOut(AgentOut):
     recent_jobs = fields.List(fields.Nested(AgentJobOut))
+    degraded = fields.String(metadata=_DEGRADED)
 
 
 class AuditEventOut(Strict):
@@ -599,5 +613,11 @@ class ClusterInfoOut(Strict):
     redis = fields.String()
     agents = fields.Nested(AgentsInfo)
     capacity = fields.Nested(CapacityInfo)
-    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
+                         metadata={"description": "messages waiting per broker queue (null: Redis unreadable)"})
+    consumers = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True),
+                            metadata={"description": "online agents consuming each queue (null: unknown)"})
+    unconsumed = fields.List(fields.String(), metadata={
+        "description": "queues with jobs waiting (broker depth or queued job records) and no online agent"})
     jobs = fields.Nested(JobCounts)
+    degraded = fields.String(metadata=_DEGRADED)

@@ -16,7 +16,7 @@ from ..core.sarif import build_sarif
 from ..vocabulary import JobStatus
 from . import Blueprint
 from .auth import tenant_required
-from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
+from .schemas import Extended, FindingPage, IdempotencyArgs, JobCreate, JobCreated, JobListArgs, JobOut, JobPage, PageArgs
 
 bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
                description="Tenant API (tenant key: rtenant_...)")
@@ -37,8 +37,8 @@ def tenant_job(job_id: str) -> Job:
 @bp.post("/jobs")
 @bp.arguments(JobCreate())
 @bp.arguments(IdempotencyArgs(), location="headers")
-@bp.response(201, JobOut)
-@bp.alt_response(200, schema=JobOut, description="Replay of an earlier request with the same Idempotency-Key")
+@bp.response(201, JobCreated)
+@bp.alt_response(200, schema=JobCreated, description="Replay of an earlier request with the same Idempotency-Key")
 @bp.errors(409, 429)
 @tenant_required
 def create_job(data, headers):
@@ -52,6 +52,10 @@ def create_job(data, headers):
     if not created and not _same_request(job, data):
         raise ApiError(409, f"Idempotency-Key {key!r} was used for a different request (job {job.id})",
                        {"reason": "idempotency_key_reused", "job": job.id})
+    if created and data.get("region"):
+        warning = jobs.unserved_warning(job.capability, job.region)
+        if warning:
+            return Extended(job, warning=warning), 201
     return job, 201 if created else 200
 
 

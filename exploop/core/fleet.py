@@ -4,7 +4,8 @@ Status is derived, never stored: ``online`` = lease present and desired state
 active; ``draining`` = lease present and desired state draining; ``stopping`` =
 lease present and the agent announced a graceful stop; ``offline`` = no lease
 (crashed, cut off, or stopped: ``stopped_at`` says which); ``disabled`` = switched
-off by an admin.
+off by an admin; ``unknown`` = Redis could not be read (the views then come from the
+database alone). Running jobs are counted from the job records, never from a lease body.
 
 Each start of an agent is an incarnation: an id sent with every renewal and claim.
 A new one means the previous process is gone, so the jobs it held are requeued at
@@ -18,22 +19,23 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
+import redis
 from flask import current_app
 from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 
 from ..config import parse_duration
-from ..vocabulary import AgentStatus, DesiredState
+from ..vocabulary import AgentStatus, DesiredState, JobStatus
 from . import jobs
 from .exceptions import ApiError
 from .extensions import db
-from .models import Agent, AuditEvent, BootstrapToken, utcnow
+from .models import Agent, AuditEvent, BootstrapToken, Job, utcnow
 from .security import AGENT_PREFIX, BOOTSTRAP_PREFIX, hash_token, new_token, security_event
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["agent_status", "describe_agents", "register_agent", "create_agent", "renew_lease",
-           "renew_lease_cached", "forget_agent", "lease_ttl", "release_lease",
+__all__ = ["agent_status", "describe_agents", "fleet_view", "running_jobs", "register_agent", "create_agent",
+           "renew_lease", "renew_lease_cached", "forget_agent", "lease_ttl", "release_lease",
            "create_bootstrap_token", "token_status", "audit", "LAST_SEEN_WRITE_INTERVAL"]
 
 #: The lease lives in Redis; the database copy of last_seen is refreshed at most this often.
@@ -63,35 +65,72 @@ def agent_status(agent: AgentRecord, lease: dict | None) -> str:
     return AgentStatus.DRAINING if agent.desired_state == DesiredState.DRAINING else AgentStatus.ONLINE
 
 
-def describe_agents(agents: Sequence[Agent]) -> list[dict]:
-    """Agent records joined with their leases (one pipelined Redis read)."""
-    leases = current_app.extensions["leases"].get_many([a.name for a in agents])
+def running_jobs(agent_ids: list[int]) -> dict[int, list[str]]:
+    """Ids of the jobs each agent runs now, from the job records (a lease body lags a heartbeat)."""
+    query = select(Job.agent_id, Job.id).where(Job.status == JobStatus.RUNNING).order_by(Job.started_at, Job.id)
+    if len(agent_ids) <= 1000:  # a page of agents; the whole fleet reads every running job
+        query = query.where(Job.agent_id.in_(agent_ids))
+    running: dict[int, list[str]] = {}
+    for agent_id, job_id in db.session.execute(query):
+        if agent_id is not None:
+            running.setdefault(agent_id, []).append(job_id)
+    return running
+
+
+def _naive_utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
+
+
+def fleet_view(agents: Sequence[Agent]) -> tuple[list[dict], str | None]:
+    """Agent records joined with their leases (one pipelined Redis read) and running jobs.
+
+    Returns the views and, when Redis cannot be read within FLEET_READ_TIMEOUT, a note
+    saying what is unknown: the views then come from the database alone, with status
+    ``unknown`` (except ``disabled``, an admin decision the database holds).
+    """
+    unknown = None
+    try:
+        leases, renewed = current_app.extensions["lease_reads"].read_fleet([a.name for a in agents])
+    except redis.RedisError as exc:
+        leases, renewed = {}, {}
+        unknown = (f"Redis unreadable ({exc.__class__.__name__}): status and lease TTL unknown;"
+                   " jobs, capacity and last seen from the database")
+    jobs = running_jobs([a.id for a in agents])
     now = utcnow()
     views = []
     for agent in agents:
         lease = leases.get(agent.name)
         last_seen = agent.last_seen
-        if lease is not None:
-            last_seen = datetime.fromtimestamp(lease["renewed_at"], UTC).replace(tzinfo=None)
+        if agent.name in renewed:  # the last renewal itself, lease or not
+            last_seen = max(filter(None, (last_seen, _naive_utc(renewed[agent.name]))))
+        elif lease is not None:
+            last_seen = _naive_utc(lease["renewed_at"])
+        status = AgentStatus.UNKNOWN if unknown and not agent.disabled else agent_status(agent, lease)
+        running = jobs.get(agent.id, [])
         views.append({
             "name": agent.name,
-            "status": agent_status(agent, lease),
+            "status": status,
             "region": agent.region,
             "capabilities": agent.capability_list,
-            "jobs_running": int(lease.get("jobs_running", 0)) if lease else 0,
-            "max_jobs": int((lease or {}).get("max_jobs") or agent.max_jobs),
-            "running_jobs": list(lease.get("running_jobs", [])) if lease else [],
+            "jobs_running": len(running),
+            "max_jobs": agent.max_jobs,
+            "running_jobs": running,
             "desired_state": agent.desired_state,
             "stopped_at": agent.stopped_at if lease is None else None,
             "lease_ttl": lease["ttl"] if lease else None,
             "last_seen": last_seen,
-            "last_seen_seconds": int((now - last_seen).total_seconds()) if last_seen else None,
+            "last_seen_seconds": max(0, int((now - last_seen).total_seconds())) if last_seen else None,
             "version": (lease or {}).get("version") or agent.version,
             "host": (lease or {}).get("host") or agent.host,
             "nodename": (lease or {}).get("nodename") or agent.nodename,
             "created_at": agent.created_at,
         })
-    return views
+    return views, unknown
+
+
+def describe_agents(agents: Sequence[Agent]) -> list[dict]:
+    """Agent records joined with their leases and running jobs (see :func:`fleet_view`)."""
+    return fleet_view(agents)[0]
 
 
 def _unique_name(region: str) -> str:
@@ -132,6 +171,7 @@ def register_agent(data: dict) -> tuple[Agent, str]:
         security_event("invalid_token", "bootstrap", "reason=unknown")
         logger.warning("invalid bootstrap token: unknown token")
         raise ApiError(401, "invalid bootstrap token", {"reason": "unknown"})
+    data = dict(data, region=data.get("region") or _auto_region(token))
     _check_constraints(token, data)
     # Spend one use atomically: concurrent registrations cannot exceed max_uses.
     spent = cast(CursorResult, db.session.execute(update(BootstrapToken).where(
@@ -153,6 +193,22 @@ def register_agent(data: dict) -> tuple[Agent, str]:
     logger.info("agent registered agent=%s region=%s capabilities=%s",
                 name, agent.region, agent.capabilities)
     return agent, key
+
+
+#: Region of an agent registered with REGION=auto on a server that knows no region yet.
+DEFAULT_REGION = "default"
+
+
+def _auto_region(token: BootstrapToken) -> str:
+    """REGION=auto: the token's region, else the server's only region, else ``default``."""
+    if token.region:
+        return token.region
+    configured = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
+    regions = configured | set(db.session.scalars(select(Agent.region).distinct()))
+    if len(regions) > 1:
+        raise ApiError(400, "region required: this server has several regions",
+                       {"region": [f"set REGION to one of {', '.join(sorted(regions))}"]})
+    return next(iter(regions), DEFAULT_REGION)
 
 
 def _check_constraints(token: BootstrapToken, data: dict) -> None:
@@ -231,7 +287,9 @@ def renew_lease(agent: Agent, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "lost_jobs"}
     leases.renew(agent.name, body, ttl)
     now = utcnow()
-    changed = {k: body[k] for k in ("version", "host", "nodename")
+    # max_jobs too: the record holds the one capacity figure every view shows (an agent's
+    # MAX_CONCURRENT_JOBS may differ from what it was created with).
+    changed = {k: body[k] for k in ("version", "host", "nodename", "max_jobs")
                if body.get(k) and body[k] != getattr(agent, k)}
     if agent.stopped_at is not None:
         agent.stopped_at = None

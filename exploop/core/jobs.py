@@ -16,13 +16,14 @@ from datetime import timedelta
 from typing import cast
 from urllib.parse import urlparse
 
+import redis
 from flask import current_app
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 
 from ..celery_app import declare_queue
 from ..config import parse_duration
-from ..metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
+from ..metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS, UNSERVED_SUBMITS
 from ..routing import RUN_SCAN, queue_for
 from ..vocabulary import ADMITTED_STATUSES, FINAL_STATUSES, SEVERITIES, UNFINISHED_STATUSES, DesiredState, JobStatus
 from .exceptions import ApiError
@@ -66,6 +67,40 @@ def known_regions() -> set[str]:
     return configured | registered
 
 
+def unserved_warning(capability: str, region: str) -> str | None:
+    """Why no agent takes jobs from ``<capability>.<region>`` now, or None when one does.
+
+    A submit naming its region is accepted (an agent may come), but the tenant is told,
+    and the count is a metric, rather than silence while the job waits.
+    """
+    queue = queue_for(capability, region)
+    # Columns only, and leases read in batches until a live one turns up: a submit to a
+    # region of a thousand agents costs one small query and usually one MGET.
+    rows = db.session.execute(select(Agent.name, Agent.capabilities, Agent.desired_state).where(
+        Agent.region == region, Agent.disabled.is_(False))).all()
+    serving = [row for row in rows if capability in row.capabilities.split(",")]
+    if not serving:
+        reason = "no_agent"
+        message = (f"no registered agent serves {queue}: the job waits until an agent with capability"
+                   f" {capability!r} runs in region {region!r}")
+    else:
+        active = [row.name for row in serving if row.desired_state == "active"]
+        leases = current_app.extensions["lease_reads"]
+        try:
+            for start in range(0, len(active), 100):
+                found = leases.get_many(active[start:start + 100], with_ttl=False)
+                if any(lease is not None for lease in found.values()):
+                    return None
+        except redis.RedisError:
+            return None  # cannot tell: no warning rather than a wrong one
+        reason = "no_live_agent"
+        message = (f"no live agent consumes {queue} now ({len(serving)} registered, none online):"
+                   " the job waits until one is")
+    UNSERVED_SUBMITS.labels(capability, region, reason).inc()
+    logger.warning("job submitted to a queue nobody consumes queue=%s reason=%s", queue, reason)
+    return message
+
+
 def choose_region(capability: str) -> str:
     """Region for a job that names none: the live, active region with most free slots.
 
@@ -77,12 +112,15 @@ def choose_region(capability: str) -> str:
     agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
     candidates = [a for a in agents if capability in a.capability_list]
     live = leases.get_many([a.name for a in candidates])
+    # Running jobs from the job records: a lease body lags a heartbeat.
+    running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
+        Job.status == "running").group_by(Job.agent_id)).all())
     free: dict[str, int] = {}
     for agent in candidates:
         lease = live.get(agent.name)
         if lease is None or agent.desired_state != DesiredState.ACTIVE:
             continue
-        slots = agent.max_jobs - int(lease.get("jobs_running", 0))
+        slots = agent.max_jobs - running.get(agent.id, 0)
         free[agent.region] = free.get(agent.region, 0) + max(slots, 0)
     if not free:
         raise ApiError(409, f"no live agent with capability {capability!r} in any region;"

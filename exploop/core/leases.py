@@ -11,7 +11,8 @@ import time
 
 import redis
 
-__all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX", "LAST_RENEWAL_KEY", "RESUMED_KEY"]
+__all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX", "LAST_RENEWAL_KEY", "RESUMED_KEY",
+           "AGENT_RENEWALS_KEY"]
 
 LEASE_PREFIX = "exploop:lease:"
 #: Agent identity by key hash, cached for the lease hot path (expires, and is
@@ -22,11 +23,16 @@ IDENTITY_PREFIX = "exploop:agent-key:"
 #: fleet-wide silence or a Redis that lost its keys: the controller's "outage, not crash" signal.
 LAST_RENEWAL_KEY = "exploop:fleet:last-renewal"
 RESUMED_KEY = "exploop:fleet:resumed-at"
+#: Hash agent name -> time of its last renewal (no TTL): ``Last Seen`` of an agent
+#: whose lease has gone, exact to the renewal (the database copy lags up to a minute).
+AGENT_RENEWALS_KEY = "exploop:last-renewal"
 
-# Note a renewal fleet-wide: a gap longer than ARGV[-1] seconds since the previous one (or
-# no previous one: Redis lost its keys) means renewals stopped for everyone and now resume.
+# Note a renewal: the agent's own time (KEYS[#KEYS - 2], a hash), and fleet-wide: a gap
+# longer than ARGV[#ARGV] seconds since the previous renewal (or no previous one: Redis
+# lost its keys) means renewals stopped for everyone and now resume.
 _TOUCH_FLEET = """
 local now, gap = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+redis.call('HSET', KEYS[#KEYS - 2], ARGV[#ARGV - 2], ARGV[#ARGV - 1])
 local last = redis.call('GET', KEYS[#KEYS - 1])
 if (not last) or (now - tonumber(last) > gap) then redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1]) end
 if (not last) or tonumber(last) < now then redis.call('SET', KEYS[#KEYS - 1], ARGV[#ARGV - 1]) end
@@ -43,9 +49,12 @@ local old = redis.call('GET', ARGV[3] .. name)
 if not old then return false end
 if ARGV[4] ~= '' and cjson.decode(old)['incarnation'] ~= ARGV[4] then return false end
 redis.call('SET', ARGV[3] .. name, ARGV[1], 'EX', tonumber(ARGV[2]))
+ARGV[#ARGV - 2] = name  -- the agent's name, for its renewal time
 """ + _TOUCH_FLEET + """
 return raw
 """
+
+_FLEET_KEYS = [AGENT_RENEWALS_KEY, LAST_RENEWAL_KEY, RESUMED_KEY]
 
 
 class LeaseStore:
@@ -73,16 +82,16 @@ class LeaseStore:
     def renew(self, agent: str, body: dict, ttl: float) -> None:
         """Store the agent's report and (re)start its TTL."""
         now = time.time()
-        self._renew(keys=[self.key(agent), LAST_RENEWAL_KEY, RESUMED_KEY],
-                    args=[self._value(body, ttl, now), max(1, int(round(ttl))), now, self._gap(body)])
+        self._renew(keys=[self.key(agent), *_FLEET_KEYS],
+                    args=[self._value(body, ttl, now), max(1, int(round(ttl))), agent, now, self._gap(body)])
 
     def renew_by_key(self, key_hash: str, body: dict, ttl: float) -> dict | None:
         """Renew the lease of the cached agent with this key hash; None if not cached, if the
         lease is gone, or if it was held by another incarnation."""
         now = time.time()
-        raw = self._renew_by_key(keys=[IDENTITY_PREFIX + key_hash, LAST_RENEWAL_KEY, RESUMED_KEY],
+        raw = self._renew_by_key(keys=[IDENTITY_PREFIX + key_hash, *_FLEET_KEYS],
                                  args=[self._value(body, ttl, now), max(1, int(round(ttl))), LEASE_PREFIX,
-                                       body.get("incarnation") or "", now, self._gap(body)])
+                                       body.get("incarnation") or "", "", now, self._gap(body)])
         return json.loads(raw) if raw else None
 
     def fleet_renewals(self) -> tuple[float | None, float | None]:
@@ -101,6 +110,27 @@ class LeaseStore:
     def release(self, agent: str) -> None:
         """Drop a lease at once (graceful stop, deleted agent)."""
         self.redis.delete(self.key(agent))
+
+    def forget_renewals(self, agent: str) -> None:
+        """Drop a deleted agent's last renewal time."""
+        self.redis.hdel(AGENT_RENEWALS_KEY, agent)
+
+    def read_fleet(self, agents: list[str]) -> tuple[dict[str, dict | None], dict[str, float]]:
+        """Leases (with ``ttl``) and last renewal times of many agents, in one round trip."""
+        if not agents:
+            return {}, {}
+        keys = [self.key(name) for name in agents]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.mget(keys)
+        pipe.hmget(AGENT_RENEWALS_KEY, agents)
+        for key in keys:
+            pipe.ttl(key)
+        values, renewals, *ttls = pipe.execute()
+        leases: dict[str, dict | None] = {}
+        for name, raw, ttl in zip(agents, values, ttls, strict=True):
+            leases[name] = None if raw is None else dict(json.loads(raw), ttl=max(ttl, 0))
+        renewed = {name: float(value) for name, value in zip(agents, renewals, strict=True) if value is not None}
+        return leases, renewed
 
     def get(self, agent: str) -> dict | None:
         """Return the lease body with its remaining ``ttl``, or None when expired."""

@@ -20,28 +20,32 @@ def main():
     """Exploop platform server commands."""
 
 
-def _app():
+def _app(config: dict | None = None):
     # Lazy (as every server import in this module): `exploop --help` and `exploop up` answer
     # without loading Flask, SQLAlchemy and Celery, and prometheus_client is first imported
     # after `_prepare_multiprocess_metrics` set PROMETHEUS_MULTIPROC_DIR (it reads it at import).
     from ..api.app import create_app, init_db
     try:
-        app = create_app()
+        app = create_app(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     init_db(app)
     return app
 
 
-def _prepare_multiprocess_metrics() -> None:
+def _prepare_multiprocess_metrics() -> str | None:
     """Counters from every gunicorn worker, merged at scrape time: a fresh, empty directory
-    (set PROMETHEUS_MULTIPROC_DIR to choose it), prepared before prometheus_client loads."""
+    (set PROMETHEUS_MULTIPROC_DIR to choose it), prepared before prometheus_client loads.
+
+    Returns the directory when it is a temporary one of ours, to remove at exit.
+    """
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="exploop-metrics-")
+        return None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="exploop-metrics-")
+    return os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 @main.command()
@@ -53,12 +57,17 @@ def _prepare_multiprocess_metrics() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def api(host, port, workers, threads, log_level):
     """Serve the REST API (gunicorn, gthread workers)."""
-    _prepare_multiprocess_metrics()
-    from ..logs import setup_logging
-    from .gunicorn import serve
-    setup_logging(log_level.upper())
-    _app()  # migrate the schema once, before workers fork
-    serve(host, port, workers, threads, log_level)
+    temporary = _prepare_multiprocess_metrics()
+    try:
+        from ..logs import setup_logging
+        from .gunicorn import serve
+        setup_logging(log_level.upper())
+        _app()  # migrate the schema once, before workers fork
+        serve(host, port, workers, threads, log_level)
+    finally:
+        # gunicorn exits through SystemExit on SIGTERM/SIGINT: the directory goes with it.
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 @main.command()
@@ -93,23 +102,59 @@ def init_db_command():
         click.echo(f"database ready at revision {current_revision(db.engine)}")
 
 
+def _admin_database() -> dict | None:
+    """The database ``create-admin-token`` writes to, when nothing names one.
+
+    With EXPLOOP_SQLALCHEMY_DATABASE_URI or EXPLOOP_DATA_DIR set, those (None here). Else
+    ``./.exploop/exploop.db`` if it exists, else the database of the last ``exploop up``
+    (``~/.exploop/local-stack.json``): a token written to a fresh database in whatever
+    directory the shell is in would be refused by the running API.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from ..config import data_dir, local_stack_record
+    if os.environ.get("EXPLOOP_SQLALCHEMY_DATABASE_URI") or os.environ.get("EXPLOOP_DATA_DIR"):
+        return None
+    here = data_dir() / "exploop.db"
+    if here.exists():
+        return None
+    try:
+        recorded = Path(json.loads(local_stack_record().read_text())["data_dir"]) / "exploop.db"
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is not None and recorded.exists():
+        return {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{recorded}"}
+    raise click.ClickException(
+        f"no database at {here}: run this in the directory of `exploop up` (or while one runs),"
+        " or set EXPLOOP_SQLALCHEMY_DATABASE_URI to the API's database")
+
+
 @main.command("create-admin-token")
 @click.option("--name", default="admin", show_default=True, help="Who the token belongs to (audit log).")
 @click.option("--role", type=click.Choice(["admin", "viewer"]), default="admin", show_default=True)
 def create_admin_token(name, role):
-    """Create an admin token directly in the database (the first one must come from here)."""
+    """Create an admin token directly in the database (the first one must come from here).
+
+    The database: EXPLOOP_SQLALCHEMY_DATABASE_URI, else .exploop/exploop.db here, else the
+    one of the last `exploop up`; the command says which it used.
+    """
+    from sqlalchemy.engine import make_url
+
     from ..core.extensions import db
     from ..core.fleet import audit
     from ..core.models import AdminToken
     from ..core.security import ADMIN_PREFIX, hash_token, new_token
-    app = _app()
+    app = _app(_admin_database())
     token = new_token(ADMIN_PREFIX)
     with app.app_context():
         db.session.add(AdminToken(name=name, role=role, token_hash=hash_token(token)))
         audit("server", "create admin token", name, f"role={role}")
         db.session.commit()
+    where = make_url(app.config["SQLALCHEMY_DATABASE_URI"]).render_as_string(hide_password=True)
     click.echo(token)
-    click.echo(f"admin token for {name!r} (role {role}); shown once, store it safely", err=True)
+    click.echo(f"admin token for {name!r} (role {role}) in {where}; shown once, store it safely", err=True)
 
 
 @main.command()

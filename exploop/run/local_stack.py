@@ -21,12 +21,13 @@ from pathlib import Path
 
 import requests
 
-from ..config import data_dir
+from ..config import DEFAULT_KEY_FILE, agent_key_file, data_dir, local_stack_record
 from .children import Child, free_port, script, start_redis, wait_http
 
 __all__ = ["LocalStack"]
 
 REGION = "local"
+AGENT_NAME = "agent-local-1"
 
 
 def _port_free(port: int) -> bool:
@@ -97,8 +98,9 @@ class LocalStack:
         agent_home = self.dir / "agent"
         agent_env = dict(os.environ, API_URL=self.api_url, EXPLOOP_STATE_DIR=str(agent_home),
                          REGION=REGION, CAPABILITIES="sast,sca,secrets", MAX_CONCURRENT_JOBS="2",
-                         AGENT_NAME="agent-local-1", METRICS_PORT=str(self.metrics_port))
-        if not (agent_home / "agent.json").exists():
+                         AGENT_NAME=AGENT_NAME, METRICS_PORT=str(self.metrics_port))
+        # Its key from an earlier run (agent.json: saved before keys were kept per name).
+        if not agent_key_file(agent_home, AGENT_NAME).exists() and not (agent_home / DEFAULT_KEY_FILE).exists():
             agent_env["BOOTSTRAP_TOKEN"] = self._admin(creds, "POST", "/admin/v1/tokens",
                                                        {"max_uses": 1, "expires": "10m"})["token"]
         self._spawn("agent", [script("exploop-agent")], agent_env)
@@ -107,6 +109,8 @@ class LocalStack:
                     dict(os.environ, FLOWER_UNAUTHENTICATED_API="true"))
         wait_http(f"http://127.0.0.1:{self.flower_port}/healthcheck", 30, self.children[-1])
         self._wait_agent(creds)
+        self._record()
+        self._sample_repo()  # the banner's curl scans it, with or without the demo
         self._banner(creds)
         if self.demo:
             self._demo(creds)
@@ -171,27 +175,40 @@ class LocalStack:
             time.sleep(0.5)
         raise RuntimeError(f"the agent did not come online; see {self.logs / 'agent.log'}")
 
+    def _record(self) -> None:
+        """Say where this stack keeps its database, so ``exploop create-admin-token`` run from
+        any directory finds it (``~/.exploop/local-stack.json``)."""
+        path = local_stack_record()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(json.dumps({"data_dir": str(self.dir), "api_url": self.api_url}))
+
     def _banner(self, creds: dict) -> None:
         tenant = self._tenant_key(creds)
+        bin_dir = Path(sys.executable).parent
+        body = json.dumps({"repo_url": f"file://{self.dir / 'sample-repo'}", "capability": "secrets"})
         _echo(f"""
 Exploop is running (Ctrl-C stops everything; logs in {self.logs})
 
   API       {self.api_url}      (health: {self.api_url}/health, OpenAPI: {self.api_url}/openapi.json)
   Flower    http://127.0.0.1:{self.flower_port}
   Redis     {self.redis_url}
-  Agent     agent-local-1, region {REGION}, capabilities sast,sca,secrets
+  Agent     {AGENT_NAME}, region {REGION}, capabilities sast,sca,secrets
             metrics: http://127.0.0.1:{self.metrics_port}/metrics (API: {self.api_url}/metrics)
+  Database  {self.dir / 'exploop.db'}
+
+In another shell (the commands are in {bin_dir}):
+  export PATH="{bin_dir}:$PATH"
+  export API={self.api_url} TENANT_KEY={tenant}
+  export EXPLOOP_API_URL={self.api_url} EXPLOOP_ADMIN_TOKEN={creds['admin_token']}
 
 Admin CLI:
-  export EXPLOOP_API_URL={self.api_url}
-  export EXPLOOP_ADMIN_TOKEN={creds['admin_token']}
   exploop-admin get agents
+  exploop-admin cluster-info
 
-Tenant API (tenant "demo"):
-  curl -s -X POST {self.api_url}/api/v1/jobs \\
-    -H 'Authorization: Bearer {tenant}' -H 'Content-Type: application/json' \\
-    -d '{{"repo_url": "file://{self.dir / 'sample-repo'}", "capability": "secrets"}}'
-  curl -s {self.api_url}/api/v1/jobs -H 'Authorization: Bearer {tenant}'
+Tenant API (tenant "demo"; region {REGION} is the only one, so jobs need not name it):
+  curl -s -X POST $API/api/v1/jobs -H "Authorization: Bearer $TENANT_KEY" \\
+    -H 'Content-Type: application/json' -d '{body}'
+  curl -s $API/api/v1/jobs -H "Authorization: Bearer $TENANT_KEY"
 """)
 
     def _sample_repo(self) -> Path:

@@ -23,7 +23,7 @@ from exploop.client import ApiClientError, PlatformClient
 from exploop.run.children import free_port, script
 from exploop.vocabulary import AGENT_STATUSES as FLEET_AGENT_STATUSES
 from exploop.vocabulary import JOB_STATUSES as MODEL_JOB_STATUSES
-from tests.support.live_stack import cli, heartbeat, lines_of, start_live_stack, submit_job
+from tests.support.live_stack import claim_jobs, cli, heartbeat, lines_of, start_live_stack, submit_job
 from tests.support.stack import auth
 
 pytestmark = pytest.mark.e2e
@@ -129,6 +129,9 @@ def test_missing_token_says_where_to_get_one():
 def test_cli_status_choices_match_the_api():
     assert JOB_STATUSES == MODEL_JOB_STATUSES
     assert AGENT_STATUSES == FLEET_AGENT_STATUSES
+    from exploop.api.schemas import AgentListArgs
+    assert set(AGENT_STATUSES) == set(AgentListArgs._declared_fields["status"].validators[0].choices)
+    assert {"online", "draining", "offline", "disabled", "unknown"} <= set(AGENT_STATUSES)
 
 
 # --- bootstrap tokens -------------------------------------------------------------------
@@ -203,8 +206,12 @@ def test_create_agent_prints_the_key_once_with_a_note(live):
 
 
 def test_get_agents_table_is_the_runbooks(live):
-    key = new_agent(live, "agent-us-east-1")
-    heartbeat(live, key, jobs_running=3, max_jobs=10, running_jobs=["j1", "j2", "j3"])
+    tenant = ok(cli(live, "create", "tenant", "tenant-table"), None).strip()
+    key = new_agent(live, "agent-us-east-1", max_jobs=5)
+    # JOBS counts the job records; the lease body (which lags a heartbeat) and the agent's
+    # own max_jobs report say otherwise here on purpose.
+    claim_jobs(live, key, tenant, 3)
+    heartbeat(live, key, jobs_running=0, max_jobs=10, running_jobs=[])
     new_agent(live, "agent-never-seen", max_jobs=4)
 
     out = ok(cli(live, "get", "agents"))
@@ -244,9 +251,10 @@ def test_empty_list_says_so_on_stderr(live):
 
 
 def test_describe_agent(live):
+    tenant = ok(cli(live, "create", "tenant", "tenant-describe"), None).strip()
     key = new_agent(live, "agent-describe")
-    heartbeat(live, key, jobs_running=3, max_jobs=10, running_jobs=["a1", "a2", "a3"],
-              nodename="agent-describe@test-host")
+    running = claim_jobs(live, key, tenant, 3)
+    heartbeat(live, key, jobs_running=0, max_jobs=10, running_jobs=[], nodename="agent-describe@test-host")
     out = ok(cli(live, "describe", "agent", "agent-describe"))
     assert "Jobs:         3/10\n" in out
     assert lines_of(out, "Jobs") == ["Jobs:         3/10"]  # `| grep Jobs` shows one line
@@ -257,18 +265,22 @@ def test_describe_agent(live):
     assert re.fullmatch(r"(8\d|90)s", fields["Lease TTL"])
     assert re.fullmatch(r"\S+Z \(\d+s ago\)", fields["Last Seen"])
     assert fields["Version"] == "0.1.0" and fields["Host"] == "test-host"
-    assert fields["Running"] == "a1,a2,a3" and fields["Node"] == "agent-describe@test-host"
-    assert fields["History"] == "<none>"
+    assert fields["Running"] == ",".join(running) and fields["Node"] == "agent-describe@test-host"
+    assert fields["History"] == ""  # the table of recent jobs follows
+    assert {row.split()[0] for row in out.split("History:\n")[1].splitlines()[1:]} == set(running)
     for fmt in ("json", "yaml"):
         doc = one_document(ok(cli(live, "describe", "agent", "agent-describe", "-o", fmt)), fmt)
-        assert doc["name"] == "agent-describe" and doc["lease_ttl"] > 0 and doc["recent_jobs"] == []
+        assert doc["name"] == "agent-describe" and doc["lease_ttl"] > 0
+        assert {j["id"] for j in doc["recent_jobs"]} == set(running)
     one_line_error(cli(live, "describe", "agent", "nope"), "agent 'nope' not found")
     one_line_error(cli(live, "describe", "agent", "../../tokens"), "not found")
 
 
 def test_drain_and_uncordon(live):
+    tenant = ok(cli(live, "create", "tenant", "tenant-drain"), None).strip()
     key = new_agent(live, "agent-drain")
-    heartbeat(live, key, jobs_running=2, max_jobs=10)
+    claim_jobs(live, key, tenant, 2)
+    heartbeat(live, key, jobs_running=0, max_jobs=10)  # a lease body a heartbeat behind
     out = ok(cli(live, "drain", "agent", "agent-drain"))
     assert out == "agent/agent-drain draining: takes no new jobs; 2 running jobs will finish\n"
     assert heartbeat(live, key, jobs_running=2)["desired_state"] == "draining"  # what the agent applies
@@ -285,11 +297,14 @@ def test_drain_and_uncordon(live):
 
 
 def test_delete_agent_asks_first_and_the_key_stops_at_once(live):
+    tenant = ok(cli(live, "create", "tenant", "tenant-delete"), None).strip()
     key = new_agent(live, "agent-delete")
-    heartbeat(live, key, jobs_running=1)
+    claim_jobs(live, key, tenant, 1)
+    heartbeat(live, key, jobs_running=0)
     refused = cli(live, "delete", "agent", "agent-delete", input="n\n")
     assert refused.exit_code == 1 and refused.stdout == ""
-    assert "Delete agent 'agent-delete'" in refused.stderr and "Aborted!" in refused.stderr
+    assert "Delete agent 'agent-delete' (online, 1 running job)?" in refused.stderr
+    assert "its running jobs are requeued" in refused.stderr and "Aborted!" in refused.stderr
     assert heartbeat(live, key)["agent"] == "agent-delete"  # still there
 
     assert ok(cli(live, "delete", "agent", "agent-delete", input="y\n"), stderr=None) == \
@@ -407,7 +422,8 @@ def test_jobs_describe_and_retry(live):
 def test_cluster_info(live):
     tenant = ok(cli(live, "create", "tenant", "tenant-cluster"), None).strip()
     key = new_agent(live, "agent-cluster", capabilities="sca", max_jobs=6)
-    heartbeat(live, key, jobs_running=2, max_jobs=6)
+    heartbeat(live, key, jobs_running=0, max_jobs=6)
+    claim_jobs(live, key, tenant, 2, capability="sca")
     submit_job(live, tenant, capability="sca")
     out = ok(cli(live, "cluster-info"))
     fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip()

@@ -126,11 +126,11 @@ def test_dropped_poll_response_job_restored_and_completes_once(stack, redis_clie
     assert not redis_client.hexists(HANDOUTS, job_id)
     assert "handout expired, job back on its queue" in stack.controller.output()
     # ...and an HTTP agent runs it, once.
-    stack.start_agent("poller", API_KEY=key, AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="0.5s",
+    stack.start_agent("lossy", API_KEY=key, AGENT_TRANSPORT="http", EXPLOOP_SIMULATED_SCAN="0.5s",
                       POLL_TIMEOUT="5s")
     job = stack.wait_job(tenant, job_id, timeout=30)
     assert job["status"] == "completed" and job["attempt"] == 1
-    assert stack.job(job_id)["agent"] == "lossy"  # the HTTP agent runs with lossy's key
+    assert stack.job(job_id)["agent"] == "lossy"  # the HTTP agent, with lossy's key
     time.sleep(1.5)
     assert stack.job(job_id)["attempt"] == 1 and redis_client.llen("secrets.us-east-1") == 0
 

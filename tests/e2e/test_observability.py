@@ -60,6 +60,7 @@ def test_api_metrics_expose_queue_depth_jobs_agents_and_latency(stack):
         stack.submit(tenant)  # no agent yet: they wait in the queue
     samples = scrape(stack.url + "/metrics")
     assert value(samples, "exploop_queue_depth", queue="secrets.us-east-1") == 3
+    assert value(samples, "exploop_queue_consumers", queue="secrets.us-east-1") == 0  # nobody runs them
     assert value(samples, "exploop_jobs", status="queued") == 3
     assert any(name == "exploop_api_request_duration_seconds_count" and dict(labels).get("endpoint") == "/api/v1/jobs"
                for name, labels in samples)
@@ -71,6 +72,7 @@ def test_api_metrics_expose_queue_depth_jobs_agents_and_latency(stack):
     assert value(samples, "exploop_agents", status="online", region="us-east-1") == 1
     assert value(samples, "exploop_capacity_jobs_max", region="us-east-1") == 2
     assert value(samples, "exploop_queue_depth", queue="secrets.us-east-1") == 0
+    assert value(samples, "exploop_queue_consumers", queue="secrets.us-east-1") == 1
     assert value(samples, "exploop_job_queue_wait_seconds_count", capability="secrets", region="us-east-1") == 3
 
 

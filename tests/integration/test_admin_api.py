@@ -189,20 +189,37 @@ def test_cluster_info_counts_agents_capacity_queues_and_jobs(app, client, redis_
         reply = client.post("/admin/v1/agents", headers=auth(admin), json={
             "name": name, "region": region, "capabilities": ["sast", "secrets"], "max_jobs": max_jobs})
         keys[name] = reply.json["api_key"]
-    for name, running in (("e1", 3), ("e2", 1)):
-        client.put("/platform/lease", headers=auth(keys[name]), json={"jobs_running": running})
+    for name in ("e1", "e2"):  # lease bodies saying nothing runs: the job records say otherwise
+        client.put("/platform/lease", headers=auth(keys[name]), json={"jobs_running": 0})
     client.post("/admin/v1/agents/e2/drain", headers=auth(admin))
     redis_client.rpush("sast.us-east-1", "m1", "m2")
+    with app.app_context():
+        tenant = Tenant(name="acme", key_hash=hash_token("k"))
+        db.session.add(tenant)
+        db.session.flush()
+        agent_ids = dict(db.session.execute(db.select(Agent.name, Agent.id)).all())
+        jobs = [("e1", "running")] * 3 + [("e2", "running"), (None, "queued")]
+        for n, (agent, status) in enumerate(jobs):
+            db.session.add(Job(id=f"job{n}", tenant_id=tenant.id, capability="sast",
+                               region="eu-west-1" if agent is None else "us-east-1",
+                               repo_url="https://example.com/r.git", status=status, time_limit=60,
+                               agent_id=agent_ids.get(agent), agent_name=agent))
+        db.session.commit()
 
     info = client.get("/admin/v1/cluster-info", headers=auth(admin)).json
     assert info["api"] == "ok" and info["database"] == "ok" and info["redis"] == "ok"
+    assert "degraded" not in info
     assert info["agents"]["total"] == 3
     assert info["agents"]["by_status"] == {"online": 1, "draining": 1, "offline": 1}
     east = info["agents"]["by_region"]["us-east-1"]
     assert (east["online"], east["draining"], east["jobs_running"], east["capacity"]) == (1, 1, 4, 4)
     assert info["capacity"] == {"used": 4, "total": 4}
     assert info["queues"]["sast.us-east-1"] == 2 and info["queues"]["secrets.eu-west-1"] == 0
-    assert info["jobs"] == {"pending": 0, "queued": 0, "running": 0, "failed_24h": 0, "completed_24h": 0}
+    # Consumers are online agents: e2 is draining, w1 offline.
+    assert info["consumers"]["sast.us-east-1"] == 1 and info["consumers"]["secrets.eu-west-1"] == 0
+    # A job waits for sast.eu-west-1 (its record says queued) and nobody consumes it.
+    assert info["unconsumed"] == ["sast.eu-west-1"]
+    assert info["jobs"] == {"pending": 0, "queued": 1, "running": 4, "failed_24h": 0, "completed_24h": 0}
 
 
 def test_cluster_info_with_redis_down_reports_it(app_config):
@@ -217,7 +234,10 @@ def test_cluster_info_with_redis_down_reports_it(app_config):
     info = reply.json
     assert info["redis"].startswith("error: ") and info["database"] == "ok"
     assert info["agents"]["by_status"] == {"unknown": 1}
-    assert set(info["queues"].values()) == {None}
+    assert set(info["queues"].values()) == {None} and set(info["consumers"].values()) == {None}
+    assert "agent status, queue depths and consumers unknown" in info["degraded"]
+    listed = client.get("/admin/v1/agents", headers=auth(admin)).json
+    assert [a["status"] for a in listed["items"]] == ["unknown"] and "Redis unreadable" in listed["degraded"]
     with dead.app_context():
         db.session.remove()
         db.engine.dispose()

@@ -66,8 +66,9 @@ def test_register_and_lease_returns_ttl_and_desired_state(client, admin_token, r
     assert reply.json == {"agent": "agent-us-east-1", "desired_state": "active", "lease_ttl": 30}
     assert 0 < redis_client.ttl("exploop:lease:agent-us-east-1") <= 30
     listed = client.get("/admin/v1/agents", headers=auth(admin_token)).json["items"]
-    assert [(a["name"], a["status"], a["jobs_running"], a["max_jobs"]) for a in listed] == [
-        ("agent-us-east-1", "online", 1, 5)]
+    # Running jobs come from the job records, not from what the lease body says.
+    assert [(a["name"], a["status"], a["jobs_running"], a["running_jobs"], a["max_jobs"]) for a in listed] == [
+        ("agent-us-east-1", "online", 0, [], 5)]
 
 
 def test_bootstrap_token_is_single_use_and_stored_hashed(client, admin_token, app):

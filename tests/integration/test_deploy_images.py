@@ -174,6 +174,18 @@ def test_without_metrics_the_saved_key_file_counts(tmp_path):
     assert result.stdout == f"healthy: METRICS_PORT=off; exploop-agent runs (pid 41) with its key from {state / 'agent.json'}\n"
 
 
+def test_without_metrics_a_named_agent_counts_its_own_key_file(tmp_path):
+    state = tmp_path / "state"
+    (state / "agents").mkdir(parents=True)
+    (state / "agents" / "agent-b.json").write_text("{}")
+    proc = fake_proc(tmp_path / "proc", {41: (["/opt/exploop/bin/python", "/opt/exploop/bin/exploop-agent"], "S")})
+    result = healthcheck(tmp_path, proc=proc, METRICS_PORT="off", EXPLOOP_STATE_DIR=str(state), AGENT_NAME="agent-b")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.rstrip().endswith(f"with its key from {state / 'agents' / 'agent-b.json'}")
+    other = healthcheck(tmp_path, proc=proc, METRICS_PORT="off", EXPLOOP_STATE_DIR=str(state), AGENT_NAME="agent-c")
+    assert other.returncode == 1 and "has no key yet" in other.stdout
+
+
 def test_without_metrics_an_agent_without_a_key_is_unhealthy(tmp_path):
     proc = fake_proc(tmp_path / "proc", {41: (["/opt/exploop/bin/python", "/opt/exploop/bin/exploop-agent"], "S")})
     result = healthcheck(tmp_path, proc=proc, METRICS_PORT="off")

@@ -35,7 +35,15 @@ def test_alert_rules_fire_and_stay_silent_as_tested():
 def test_the_runbook_alerts_are_all_there():
     rules = {r["alert"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert {"PlatformAgentOffline", "PlatformAgentHighLoad", "PlatformAgentHighFailureRate",
-            "PlatformAgentLeaseExpiring", "PlatformQueueBacklog"} <= set(rules)
+            "PlatformAgentLeaseExpiring", "PlatformQueueBacklog", "PlatformAgentHeartbeatSlow",
+            "PlatformJobsNotCompleting"} <= set(rules)
+    # The runbook's thresholds: heartbeat p99 > 5s, completed rate = 0 for 10m (while jobs wait).
+    assert "exploop_agent_heartbeat_latency_seconds_bucket" in rules["PlatformAgentHeartbeatSlow"]["expr"]
+    assert rules["PlatformAgentHeartbeatSlow"]["expr"].startswith("histogram_quantile(0.99,")
+    assert rules["PlatformAgentHeartbeatSlow"]["expr"].endswith("> 5")
+    assert rules["PlatformJobsNotCompleting"]["for"] == "10m"
+    # Only agents offline by lease page; disabled and stopped ones have their own status.
+    assert 'exploop_agents{status="offline"}' in rules["PlatformAgentsOfflineByLease"]["expr"]
     assert rules["PlatformAgentOffline"]["expr"] == "exploop_agent_status != 1"
     assert rules["PlatformAgentHighFailureRate"]["expr"] == "rate(exploop_agent_jobs_failed_total[5m]) > 0.1"
 

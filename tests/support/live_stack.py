@@ -13,7 +13,7 @@ from exploop.run.children import Child, free_port, start_redis
 from tests.support.databases import fresh_database_url
 from tests.support.stack import Stack, auth
 
-__all__ = ["LiveStack", "start_live_stack", "cli", "heartbeat", "submit_job", "lines_of"]
+__all__ = ["LiveStack", "start_live_stack", "cli", "heartbeat", "submit_job", "claim_jobs", "lines_of"]
 
 
 class LiveStack(Stack):
@@ -78,6 +78,17 @@ def submit_job(stack: Stack, tenant_key: str, capability: str = "secrets") -> di
                                 "region": "us-east-1"})
     assert reply.status_code == 201, reply.text
     return reply.json()
+
+
+def claim_jobs(stack: Stack, agent_key: str, tenant_key: str, count: int, capability: str = "secrets") -> list[str]:
+    """Submit ``count`` jobs and claim them as the agent: jobs really running on it."""
+    agent = PlatformClient(stack.url, agent_key)
+    ids = []
+    for _ in range(count):
+        job = submit_job(stack, tenant_key, capability)
+        agent.claim(job["id"], job["attempt"])
+        ids.append(job["id"])
+    return ids
 
 
 def lines_of(text_: str, word: str) -> list[str]:

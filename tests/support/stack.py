@@ -8,6 +8,7 @@ from pathlib import Path
 
 import requests
 
+from exploop.config import agent_key_file
 from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
 __all__ = ["Stack", "RestartableRedis", "auth", "make_git_repo"]
@@ -74,7 +75,7 @@ class Stack:
         if name:
             agent_env["AGENT_NAME"] = name
         if "API_KEY" not in env and "BOOTSTRAP_TOKEN" not in env \
-                and not (home / ".exploop" / "agent.json").exists():
+                and not agent_key_file(home / ".exploop", name).exists():
             agent_env["BOOTSTRAP_TOKEN"] = self.bootstrap_token()
         agent_env.update(env)
         child = Child(f"agent-{len(self.agents)}", [script("exploop-agent")], env=agent_env,
