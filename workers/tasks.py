@@ -148,7 +148,10 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
         else:
             findings, summary = _scan(client, spec, started + spec["time_limit"], runtime)
     except JobCancelled as exc:
-        logger.info("job stopped %s: %s", fields, exc or "cancelled")
+        if str(exc) == "cancelled":
+            logger.info("job cancelled, stopped %s", fields)
+        else:
+            logger.info("job stopped %s: %s", fields, exc)
         return "cancelled"
     except JobError as exc:
         if exc.retry and not final:

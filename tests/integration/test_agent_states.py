@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from exploop.client import ApiClientError, PlatformClient
-from tests.admin_helpers import cli
 from tests.support.fleet import completions, executions
+from tests.support.live_stack import cli
 
 pytestmark = pytest.mark.e2e
 
