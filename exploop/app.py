@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from .broker import Broker, KeyLayout
+from .broker import Broker, Brokers, KeyLayout, is_sentinel, parse_region_brokers, redis_client
 from .celery_app import make_celery
 from .config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from .extensions import db, migrate
@@ -30,8 +30,12 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     db.init_app(app)
     migrate.init_app(app, db)
-    client = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5,
-                                  socket_connect_timeout=3, health_check_interval=30)
+    master_name = app.config["SENTINEL_MASTER_NAME"]
+    try:
+        client = redis_client(app.config["REDIS_URL"], master_name, socket_timeout=5,
+                              socket_connect_timeout=3, health_check_interval=30)
+    except ValueError as exc:
+        raise ConfigError(f"EXPLOOP_REDIS_URL: {exc}") from None
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
     app.extensions["auth_throttle"] = _auth_throttle(app, client)
@@ -39,13 +43,26 @@ def create_app(test_config: dict | None = None) -> Flask:
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
     celery_conf = {k.lower(): v for k, v in app.config["CELERY"].items()}
     regions = [r.strip() for r in app.config["REGIONS"].split(",") if r.strip()]
-    app.extensions["celery"] = make_celery(
-        celery_conf.pop("broker_url", app.config["REDIS_URL"]),
-        queues=[queue_for(c, r) for r in regions for c in CAPABILITIES],
-        # Longer than any job may run, so Redis never redelivers a running scan.
-        visibility_timeout=2 * time_limit + 600,
-        overrides=celery_conf)
-    app.extensions["broker"] = _broker(app, client)
+    try:
+        region_urls = parse_region_brokers(app.config["REGION_BROKERS"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    default_url = celery_conf.pop("broker_url", app.config["REDIS_URL"])
+    brokers: dict[str, Broker] = {}
+
+    def broker_for(url: str) -> Broker:
+        if url not in brokers:
+            # Each publisher declares only the queues of the regions it carries.
+            own = [r for r in regions if region_urls.get(r, default_url) == url]
+            own += [r for r, u in region_urls.items() if u == url and r not in own]
+            brokers[url] = _broker(app, url, client, own, time_limit, celery_conf)
+        return brokers[url]
+
+    default = broker_for(default_url)
+    app.extensions["brokers"] = Brokers(default, {r: broker_for(u) for r, u in region_urls.items()})
+    # The default broker (regions not in REGION_BROKERS) under its historical names.
+    app.extensions["celery"] = default.celery
+    app.extensions["broker"] = default
 
     from .api import Api, admin, health, platform, tenants
     from .api.errors import register_error_handlers
@@ -178,10 +195,25 @@ def init_db(app: Flask) -> None:
     upgrade(app)
 
 
-def _broker(app: Flask, client: redis.Redis) -> Broker:
-    """The broker's Redis (the same client when the broker is REDIS_URL) and kombu's key layout."""
-    conf = app.extensions["celery"].conf
-    if conf.broker_url != app.config["REDIS_URL"]:
-        client = redis.Redis.from_url(conf.broker_url, socket_timeout=5, socket_connect_timeout=3,
-                                      health_check_interval=30)
-    return Broker(client, KeyLayout.from_transport_options(conf.broker_transport_options))
+def _broker(app: Flask, url: str, client: redis.Redis, regions: list[str], time_limit: float,
+            celery_conf: dict) -> Broker:
+    """One broker: its Celery publisher, its Redis (the same client when it is REDIS_URL), kombu's layout."""
+    master_name = app.config["SENTINEL_MASTER_NAME"]
+    overrides = dict(celery_conf)
+    if is_sentinel(url):
+        # kombu's sentinel:// transport finds the master by this name.
+        overrides["broker_transport_options"] = {"master_name": master_name,
+                                                 **overrides.get("broker_transport_options", {})}
+    celery = make_celery(
+        url, queues=[queue_for(c, r) for r in regions for c in CAPABILITIES],
+        # Longer than any job may run, so Redis never redelivers a running scan.
+        visibility_timeout=2 * time_limit + 600, overrides=overrides)
+    options = celery.conf.broker_transport_options
+    if url != app.config["REDIS_URL"]:
+        try:
+            client = redis_client(url, options.get("master_name"), socket_timeout=5, socket_connect_timeout=3,
+                                  health_check_interval=30)
+        except ValueError as exc:
+            raise ConfigError(f"broker {url.split('@')[-1]!r}: {exc}") from None
+    return Broker(client, KeyLayout.from_transport_options(options), url=url, celery=celery,
+                  master_name=options.get("master_name"))

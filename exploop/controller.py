@@ -4,6 +4,13 @@ jobs out, repairs Redis from the database, and admits pending jobs fairly.
 Safe to run several: one leader at a time through a Redis lock; the others wait.
 Every rule works from the database (the source of truth) and Redis (leases and
 queues), so a controller can die at any point and the next one carries on.
+
+A tick costs what changed, not what exists: lease expiry starts from the index of
+lease deadlines (only agents whose deadline passed), queue repair compares counts
+per queue and reads a queue only when it is short, time-outs and admission are
+indexed queries. Every ``full_check_every`` ticks a full check looks at every agent
+and reads one queue whole (in turn), which covers what the cheap paths cannot see:
+an index lost with a flushed Redis, a lost message hidden by a stale one.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from . import handouts, jobs
-from .broker import decode_delivery
+from .broker import Broker, decode_delivery
 from .extensions import db
 from .models import Agent, Job, Tenant, utcnow
 from .routing import queue_for
@@ -36,13 +43,17 @@ TIMEOUT_GRACE = timedelta(seconds=60)
 class Controller:
     """One controller process; ``tick()`` runs every rule once when leader."""
 
-    def __init__(self, app: Flask, interval: float = 5.0):
+    def __init__(self, app: Flask, interval: float = 5.0, full_check_every: int = 12):
         self.app = app
         self.interval = interval
         self.redis = app.extensions["redis"]
-        self.broker = app.extensions["broker"]
+        self.brokers = app.extensions["brokers"]
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.is_leader = False
+        #: Every this many ticks (a minute at the default interval), a full check; the first tick is one.
+        self.full_check_every = max(1, full_check_every)
+        self.ticks = 0
+        self._next_queue = 0  # the full check's cursor over queues
 
     # --- leadership ---------------------------------------------------------------
 
@@ -83,76 +94,157 @@ class Controller:
             time.sleep(max(0.1, self.interval - elapsed))
         self.resign()
 
-    def tick(self) -> dict:
+    def tick(self, full: bool | None = None) -> dict:
         """Run every rule once; return what each did (for logs and tests)."""
+        if full is None:
+            full = self.ticks % self.full_check_every == 0
+        self.ticks += 1
         with self.app.app_context():
             try:
-                return {"expired": self.expire_leases(), "timed_out": self.time_out_jobs(),
+                return {"expired": self.expire_leases(full), "timed_out": self.time_out_jobs(),
                         "restored": self.restore_handouts(),
-                        "republished": self.repair_queues(), "admitted": self.admit_fairly()}
+                        "republished": self.repair_queues(full), "admitted": self.admit_fairly()}
             finally:
                 db.session.remove()
 
     # --- rules ----------------------------------------------------------------------
 
-    def expire_leases(self) -> int:
+    def lease_candidates(self, full: bool) -> tuple[list[Agent], list[str]]:
+        """Agents whose lease may have expired, and the index entries they came from.
+
+        Normally the agents whose deadline in the lease index has passed; on a full check
+        every enabled agent (an index flushed with Redis, an agent that never renewed).
+        """
+        leases = self.app.extensions["leases"]
+        due = leases.due()
+        query = select(Agent).where(Agent.disabled.is_(False))
+        if not full:
+            if not due:
+                return [], []
+            query = query.where(Agent.name.in_(due))
+        return list(db.session.scalars(query).all()), due
+
+    def expire_leases(self, full: bool = True) -> int:
         """Agents whose lease is gone: log once, and requeue the jobs they were running."""
         leases = self.app.extensions["leases"]
-        agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
+        agents, due = self.lease_candidates(full)
+        if not agents:
+            leases.settle(due)  # deleted or disabled agents
+            return 0
         live = leases.get_many([a.name for a in agents])
+        offline = [a.id for a in agents if live.get(a.name) is None]
+        busy = set(db.session.scalars(select(Job.agent_id).where(
+            Job.status == "running", Job.agent_id.in_(offline)).distinct())) if offline else set()
         requeued = 0
         for agent in agents:
             if live.get(agent.name) is not None:
                 continue
-            if agent.last_seen is not None and agent.lease_expired_at is None:
-                agent.lease_expired_at = utcnow()
-                db.session.commit()
-                leases.forget(agent.key_hash)  # its next renewal goes through the database
-                logger.error("lease expired agent=%s region=%s last_seen=%s",
-                             agent.name, agent.region, agent.last_seen.isoformat())
-            running = db.session.scalars(select(Job).where(
-                Job.agent_id == agent.id, Job.status == "running")).all()
-            for job in running:
-                jobs.requeue(job, f"lease expired on agent {agent.name}")
-                requeued += 1
+            requeued += self.expire_agent(agent, agent.id in busy)
+        # Handled: out of the index (an agent renewed meanwhile keeps its new deadline).
+        leases.settle([name for name in due if live.get(name) is None])
+        return requeued
+
+    def expire_agent(self, agent: Agent, busy: bool = True) -> int:
+        """The decision for one agent without a lease: log it once, requeue its running jobs."""
+        leases = self.app.extensions["leases"]
+        if agent.last_seen is not None and agent.lease_expired_at is None:
+            agent.lease_expired_at = utcnow()
+            db.session.commit()
+            leases.forget(agent.key_hash)  # its next renewal goes through the database
+            logger.error("lease expired agent=%s region=%s last_seen=%s",
+                         agent.name, agent.region, agent.last_seen.isoformat())
+        if not busy:
+            return 0
+        requeued = 0
+        running = db.session.scalars(select(Job).where(
+            Job.agent_id == agent.id, Job.status == "running")).all()
+        for job in running:
+            jobs.requeue(job, f"lease expired on agent {agent.name}")
+            requeued += 1
         return requeued
 
     def time_out_jobs(self) -> int:
-        """Running jobs past their time limit (plus grace) get another attempt."""
-        now = utcnow()
+        """Running jobs past their time limit (plus grace) get another attempt (indexed on run_deadline)."""
         timed_out = 0
-        for job in db.session.scalars(select(Job).where(Job.status == "running")).all():
-            if job.started_at and job.started_at + timedelta(seconds=job.time_limit) + TIMEOUT_GRACE < now:
-                logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
-                               job.id, job.attempt, job.agent_name)
-                jobs.requeue(job, f"job timeout after {job.time_limit}s on agent {job.agent_name}")
-                timed_out += 1
+        for job in db.session.scalars(select(Job).where(
+                Job.status == "running", Job.run_deadline < utcnow() - TIMEOUT_GRACE)).all():
+            logger.warning("job timeout, will retry job_id=%s attempt=%s agent=%s",
+                           job.id, job.attempt, job.agent_name)
+            jobs.requeue(job, f"job timeout after {job.time_limit}s on agent {job.agent_name}")
+            timed_out += 1
         return timed_out
 
     def restore_handouts(self) -> int:
         """Jobs a poll handed out but nobody claimed in time go back to their queue, same attempt."""
-        restored = handouts.restore_expired(self.broker.client)
+        restored = []
+        for broker in self.brokers.all():
+            restored += handouts.restore_expired(broker.client)
         for handout in restored:
             logger.warning("handout expired, job back on its queue job_id=%s attempt=%s agent=%s queue=%s",
                            (decode_delivery(handout["raw"]) or ("?",))[0], handout["attempt"],
                            handout["agent"], handout["queue"])
         return len(restored)
 
-    def repair_queues(self) -> int:
-        """Publish again every queued job whose message is not in Redis (flushed, lost, never sent)."""
+    def repair_queues(self, full: bool = True) -> int:
+        """Publish again every queued job whose message is not in Redis (flushed, lost, never sent).
+
+        Each tick compares, per queue, the jobs the database has queued with the messages
+        the broker holds (LLEN, plus unacknowledged and handed-out messages, which may be
+        any queue's); only a queue holding fewer is read whole. A full check also reads
+        the next queue in turn, for a loss hidden by a stale message.
+        """
         cutoff = utcnow() - REPUBLISH_AFTER
-        queued = db.session.scalars(select(Job).where(Job.status == "queued", Job.queued_at < cutoff)).all()
-        if not queued:
+        expected = {queue_for(capability, region): n for capability, region, n in db.session.execute(
+            select(Job.capability, Job.region, func.count()).where(Job.status == "queued", Job.queued_at < cutoff)
+            .group_by(Job.capability, Job.region)).all()}
+        if not expected:
             return 0
-        present = self.broker.deliveries({queue_for(j.capability, j.region) for j in queued})
-        present |= handouts.handed_out(self.broker.client)  # popped by a poll, waiting for its claim
+        turn = None
+        if full:
+            ordered = sorted(expected)
+            turn = ordered[self._next_queue % len(ordered)]
+            self._next_queue += 1
         republished = 0
-        for job in queued:
-            if (job.id, job.attempt) not in present:
-                logger.warning("job message missing from Redis, publishing again job_id=%s attempt=%s",
-                               job.id, job.attempt)
-                jobs.publish(job)
-                republished += 1
+        by_region: dict[str, list[str]] = {}
+        for queue in expected:
+            by_region.setdefault(queue.partition(".")[2], []).append(queue)
+        for broker, regions in self.brokers.split(by_region):
+            queues = {q: expected[q] for r in regions for q in by_region[r]}
+            try:
+                suspects = self._short_queues(broker, queues)
+                if turn in queues:
+                    suspects.add(turn)
+                if suspects:
+                    republished += self._republish_missing(broker, suspects, cutoff)
+            except Exception as exc:  # this broker is down: its jobs wait (in the database) for it
+                if not _is_redis_error(exc):
+                    raise
+                logger.warning("broker %s unreachable, cannot repair its queues: %s", broker.url.split("@")[-1], exc)
+        return republished
+
+    @staticmethod
+    def _short_queues(broker: Broker, expected: dict[str, int]) -> set[str]:
+        """Queues whose messages (plus any unacked or handed-out one) are fewer than their queued jobs."""
+        depths = broker.depths(expected)
+        slack = broker.unacked_count() + handouts.count(broker.client)
+        return {queue for queue, n in expected.items() if depths.get(queue, 0) + slack < n}
+
+    @staticmethod
+    def _republish_missing(broker: Broker, queues: set[str], cutoff) -> int:
+        """Read ``queues`` whole and publish again each of their queued jobs with no message."""
+        present = broker.deliveries(queues)
+        present |= handouts.handed_out(broker.client)  # popped by a poll, waiting for its claim
+        republished = 0
+        for queue in sorted(queues):
+            capability, _, region = queue.partition(".")
+            for job in db.session.scalars(select(Job).where(
+                    Job.status == "queued", Job.capability == capability, Job.region == region,
+                    Job.queued_at < cutoff)):
+                if (job.id, job.attempt) not in present:
+                    logger.warning("job message missing from Redis, publishing again job_id=%s attempt=%s",
+                                   job.id, job.attempt)
+                    jobs.publish(job)
+                    republished += 1
         return republished
 
     def admit_fairly(self) -> int:
@@ -165,3 +257,9 @@ class Controller:
             if db.session.get(Tenant, tenant_id) is not None:
                 admitted += jobs.admit_pending(tenant_id)
         return admitted
+
+
+def _is_redis_error(exc: Exception) -> bool:
+    import redis
+    from kombu.exceptions import OperationalError
+    return isinstance(exc, (redis.RedisError, OperationalError, ConnectionError, OSError))

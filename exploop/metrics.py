@@ -94,8 +94,9 @@ class FleetCollector:
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
                                       labels=["queue"])
-            for queue, n in self.app.extensions["broker"].depths(queues).items():
-                depth.add_metric([queue], n)
+            for queue, n in self.app.extensions["brokers"].depths(queues).items():
+                if n is not None:
+                    depth.add_metric([queue], n)
             yield depth
 
 

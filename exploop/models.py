@@ -91,7 +91,13 @@ def _job_id() -> str:
 class Job(db.Model):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
-                      Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"))
+                      Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"),
+                      # The controller's and the lists' indexed queries (migration 0003):
+                      # queued jobs per queue in FIFO order (repair counts, queue positions),
+                      # running jobs by deadline (time-outs), tenants with pending jobs (admission).
+                      Index("ix_jobs_status_queue", "status", "capability", "region", "queued_at"),
+                      Index("ix_jobs_status_deadline", "status", "run_deadline"),
+                      Index("ix_jobs_status_tenant", "status", "tenant_id", "created_at"))
     id = db.Column(db.String(32), primary_key=True, default=_job_id)
     tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)
@@ -119,6 +125,8 @@ class Job(db.Model):
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
     queued_at = db.Column(db.DateTime)
     started_at = db.Column(db.DateTime)
+    # started_at + time_limit while running: the controller times out jobs by this index.
+    run_deadline = db.Column(db.DateTime)
     finished_at = db.Column(db.DateTime)
 
     tenant = db.relationship("Tenant")

@@ -195,9 +195,14 @@ def run(settings: AgentSettings) -> int:
         from .http_agent import run_http
         return run_http(settings, runtime)
     broker_url = settings.broker_url or config["broker_url"]
-    prefix = config.get("broker_key_prefix")
+    # The API hands out every transport option kombu needs (key prefix, Sentinel master name);
+    # an older API only the prefix.
+    options = dict(config.get("broker_transport_options") or {})
+    if config.get("broker_key_prefix"):
+        options.setdefault("global_keyprefix", config["broker_key_prefix"])
+    options.pop("visibility_timeout", None)
     app = make_celery(broker_url, queues=runtime.queues, visibility_timeout=config["visibility_timeout"],
-                      overrides={"broker_transport_options": {"global_keyprefix": prefix}} if prefix else None)
+                      overrides={"broker_transport_options": options} if options else None)
     app.exploop_runtime = runtime
     app.exploop_settings = settings
     register_tasks(app)

@@ -29,7 +29,7 @@ from .schemas import (AdminJobListArgs, AdminTokenCreate, AdminTokenCreated, Adm
                       ClusterInfoOut, Extended, PageArgs, TenantCreate, TenantCreated, TenantPage,
                       TenantUpdate, TenantUsage, TokenCreate, TokenCreated, TokenOut, TokenPage,
                       TokenRevoke)
-from .tenants import paged
+from .tenants import paged, paged_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
     """Tell the agent's worker at once (the lease re-applies it if this is lost)."""
     if not nodename:
         return
-    control = current_app.extensions["celery"].control
+    control = current_app.extensions["brokers"].for_region(agent.region).celery.control
     try:
         for queue in queues_for(agent.capability_list, agent.region):
             if state == "draining":
@@ -319,7 +319,7 @@ def list_jobs(args):
         query = query.where(Job.agent_name == args["agent"])
     if args.get("since"):
         query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
-    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id), args)
 
 
 def _job(job_id: str) -> Job:
@@ -398,10 +398,9 @@ def cluster_info():
     queues = set(current_app.extensions["celery"].amqp.queues.keys())
     for capabilities, region in placements:
         queues.update(queues_for([c for c in capabilities.split(",") if c], region))
-    try:
-        depths = current_app.extensions["broker"].depths(queues)
-    except redis.RedisError:
-        depths = {name: None for name in sorted(queues)}
+    brokers = current_app.extensions["brokers"]
+    depths = brokers.depths(queues)
+    broker_health = brokers.health({q.partition(".")[2] for q in queues})
     since = utcnow() - timedelta(hours=24)
     counts = dict(db.session.execute(select(Job.status, func.count()).where(
         Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
@@ -415,6 +414,7 @@ def cluster_info():
         "capacity": {"used": sum(r["jobs_running"] for r in regions.values()),
                      "total": sum(r["capacity"] for r in regions.values())},
         "queues": depths,
+        "brokers": broker_health,
         "jobs": {s: counts.get(s, 0) for s in ("pending", "queued", "running", "failed_24h",
                                                 "completed_24h")},
     }

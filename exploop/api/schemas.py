@@ -90,6 +90,9 @@ class Extended:
 
 
 def _queue_position(job):
+    """Precomputed for a page (``Extended(job, queue_position=...)``), else computed for this job."""
+    if "queue_position" in vars(job):
+        return job.queue_position
     from ..jobs import queue_position
     return queue_position(job)
 
@@ -238,7 +241,11 @@ class RegisterOut(AgentIdentity):
 
 class AgentConfigOut(Strict):
     agent = fields.Nested(AgentIdentity)
-    broker_url = fields.String()
+    broker_url = fields.String(metadata={
+        "description": "the broker of the agent's region: redis://... or sentinel://h1:26379;sentinel://h2:26379"})
+    broker_transport_options = fields.Dict(metadata={
+        "description": "kombu transport options to consume with: visibility_timeout, global_keyprefix,"
+                       " master_name (sentinel:// brokers)"})
     visibility_timeout = fields.Integer()
     broker_key_prefix = fields.String(metadata={
         "description": "kombu's global_keyprefix on the broker; agents consume with the same one"})
@@ -579,6 +586,12 @@ class JobCounts(Strict):
     completed_24h = fields.Integer()
 
 
+class BrokerInfo(Strict):
+    url = fields.String(metadata={"description": "the broker URL without its password"})
+    regions = fields.List(fields.String())
+    status = fields.String(metadata={"description": "ok, or error: <kind>"})
+
+
 class ClusterInfoOut(Strict):
     api = fields.String()
     version = fields.String()
@@ -587,4 +600,6 @@ class ClusterInfoOut(Strict):
     agents = fields.Nested(AgentsInfo)
     capacity = fields.Nested(CapacityInfo)
     queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
+    brokers = fields.Dict(keys=fields.String(), values=fields.Nested(BrokerInfo), metadata={
+        "description": "each broker (\"default\", or the regions REGION_BROKERS gives it): url, regions, status"})
     jobs = fields.Nested(JobCounts)

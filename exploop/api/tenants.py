@@ -15,7 +15,8 @@ from ..sarif import build_sarif
 from ..extensions import db
 from ..models import Finding, Job
 from .auth import tenant_required
-from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
+from .schemas import (Extended, FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage,
+                      PageArgs)
 
 bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
                description="Tenant API (tenant key: rtenant_...)")
@@ -27,6 +28,14 @@ def paged(query, args):
     items = db.session.scalars(query.limit(args["per_page"])
                                .offset((args["page"] - 1) * args["per_page"])).all()
     return {"items": items, "page": args["page"], "per_page": args["per_page"], "total": total}
+
+
+def paged_jobs(query, args):
+    """A page of jobs with their queue positions computed for the whole page at once."""
+    envelope = paged(query, args)
+    positions = jobs.queue_positions(envelope["items"])
+    envelope["items"] = [Extended(job, queue_position=positions[job.id]) for job in envelope["items"]]
+    return envelope
 
 
 def tenant_job(job_id: str) -> Job:
@@ -73,7 +82,7 @@ def list_jobs(args):
     query = select(Job).where(Job.tenant_id == g.tenant.id)
     if args.get("status"):
         query = query.where(Job.status == args["status"])
-    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id), args)
 
 
 @bp.get("/jobs/<job_id>")
