@@ -171,20 +171,25 @@ class Broker:
         """A new client of this broker (e.g. one whose timeout outlasts a blocking pop)."""
         return redis_client(self.url, self.master_name, **kwargs)
 
-    def unacked_count(self) -> int:
-        """Messages delivered to a Celery worker and not yet acknowledged (all queues)."""
-        return int(self.client.hlen(self.layout.unacked_key))
-
     def depths(self, queues: Iterable[str]) -> dict[str, int]:
         """Messages waiting in each queue (one pipelined round trip)."""
+        return self.backlog(queues)[0]
+
+    def backlog(self, queues: Iterable[str], hashes: Iterable[str] = ()) -> tuple[dict[str, int], int]:
+        """Messages waiting in each queue, and the entries of ``hashes`` (e.g. the unacked
+        hash: messages out of any queue but not yet done), in one pipelined round trip."""
         names = sorted(queues)
+        hashes = list(hashes)
         step = len(self.layout.priority_steps)
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             for key in self.layout.lists(name):
                 pipe.llen(key)
+        for key in hashes:
+            pipe.hlen(key)
         replies = pipe.execute()
-        return {name: sum(replies[i * step:(i + 1) * step]) for i, name in enumerate(names)}
+        depths = {name: sum(replies[i * step:(i + 1) * step]) for i, name in enumerate(names)}
+        return depths, sum(replies[len(names) * step:])
 
     def deliveries(self, queues: Iterable[str]) -> set[Delivery]:
         """Every (job id, attempt) waiting in ``queues`` or delivered and not yet acknowledged."""

@@ -7,7 +7,8 @@ queues), so a controller can die at any point and the next one carries on.
 
 A tick costs what changed, not what exists: lease expiry starts from the index of
 lease deadlines (only agents whose deadline passed), queue repair compares counts
-per queue and reads a queue only when it is short, time-outs and admission are
+of the broker's data (a marker key, the server's run id) and reads a queue only when
+it is suspect, time-outs and admission are
 indexed queries. Every ``full_check_every`` ticks a full check looks at every agent
 and reads one queue whole (in turn), which covers what the cheap paths cannot see:
 an index lost with a flushed Redis, a lost message hidden by a stale one.
@@ -16,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from datetime import timedelta
 
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, literal, select, union_all
 
 from . import handouts, jobs
-from .broker import Broker, decode_delivery
+from .broker import Broker, decode_delivery, redact
 from .extensions import db
 from .models import Agent, Job, Tenant, utcnow
 from .routing import queue_for
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Controller", "LEADER_KEY"]
 
 LEADER_KEY = "exploop:controller:leader"
+#: A key in each broker's Redis: gone after a FLUSHALL, which tells the controller to check every queue.
+BROKER_MARKER = "exploop:broker-marker"
 #: A job queued for longer than this without a message in Redis is published again.
 REPUBLISH_AFTER = timedelta(seconds=5)
 #: A running job is timed out this long after its time limit (the agent's own limit fires first).
@@ -54,6 +58,8 @@ class Controller:
         self.full_check_every = max(1, full_check_every)
         self.ticks = 0
         self._next_queue = 0  # the full check's cursor over queues
+        self._queues: set[str] | None = None  # queues jobs may be on (refreshed by full checks)
+        self._epochs: dict[str, str] = {}  # broker URL -> "run_id:marker" seen last tick
 
     # --- leadership ---------------------------------------------------------------
 
@@ -188,30 +194,39 @@ class Controller:
     def repair_queues(self, full: bool = True) -> int:
         """Publish again every queued job whose message is not in Redis (flushed, lost, never sent).
 
-        Each tick compares, per queue, the jobs the database has queued with the messages
-        the broker holds (LLEN, plus unacknowledged and handed-out messages, which may be
-        any queue's); only a queue holding fewer is read whole. A full check also reads
-        the next queue in turn, for a loss hidden by a stale message.
+        A queue is read whole only when it is suspect: its broker lost data (a flushed
+        Redis lost our marker key; a restarted or failed-over one has a new run id), or
+        the queue is empty while the database has a job queued on it. A full check also
+        compares, per queue, the jobs queued in the database with the messages the broker
+        holds, and reads the next queue in turn (for a loss hidden by a stale message).
         """
         cutoff = utcnow() - REPUBLISH_AFTER
-        expected = {queue_for(capability, region): n for capability, region, n in db.session.execute(
-            select(Job.capability, Job.region, func.count()).where(Job.status == "queued", Job.queued_at < cutoff)
-            .group_by(Job.capability, Job.region)).all()}
-        if not expected:
-            return 0
-        turn = None
+        if full or self._queues is None:
+            self._queues = self._known_queues()
+        expected: dict[str, int] = {}
         if full:
+            expected = {queue_for(capability, region): n for capability, region, n in db.session.execute(
+                select(Job.capability, Job.region, func.count()).where(
+                    Job.status == "queued", Job.queued_at < cutoff).group_by(Job.capability, Job.region)).all()}
+            self._queues |= set(expected)
+        turn = None
+        if full and expected:
             ordered = sorted(expected)
             turn = ordered[self._next_queue % len(ordered)]
             self._next_queue += 1
         republished = 0
         by_region: dict[str, list[str]] = {}
-        for queue in expected:
+        for queue in self._queues:
             by_region.setdefault(queue.partition(".")[2], []).append(queue)
         for broker, regions in self.brokers.split(by_region):
-            queues = {q: expected[q] for r in regions for q in by_region[r]}
+            queues = sorted(q for r in regions for q in by_region[r])
             try:
-                suspects = self._short_queues(broker, queues)
+                if self._lost_data(broker):
+                    logger.warning("broker %s lost data (flushed, restarted or failed over): checking every queue",
+                                   redact(broker.url))
+                    suspects = set(queues)
+                else:
+                    suspects = self._suspect_queues(broker, queues, expected if full else None, cutoff)
                 if turn in queues:
                     suspects.add(turn)
                 if suspects:
@@ -219,15 +234,55 @@ class Controller:
             except Exception as exc:  # this broker is down: its jobs wait (in the database) for it
                 if not _is_redis_error(exc):
                     raise
-                logger.warning("broker %s unreachable, cannot repair its queues: %s", broker.url.split("@")[-1], exc)
+                self._epochs.pop(broker.url, None)
+                logger.warning("broker %s unreachable, cannot repair its queues: %s", redact(broker.url), exc)
         return republished
 
     @staticmethod
-    def _short_queues(broker: Broker, expected: dict[str, int]) -> set[str]:
-        """Queues whose messages (plus any unacked or handed-out one) are fewer than their queued jobs."""
-        depths = broker.depths(expected)
-        slack = broker.unacked_count() + handouts.count(broker.client)
-        return {queue for queue, n in expected.items() if depths.get(queue, 0) + slack < n}
+    def _known_queues() -> set[str]:
+        """Every queue a job may be on: each capability in each configured or registered region."""
+        from flask import current_app
+
+        from .config import CAPABILITIES
+        regions = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
+        regions |= set(db.session.scalars(select(Agent.region).distinct()))
+        return {queue_for(c, r) for r in regions for c in CAPABILITIES}
+
+    def _lost_data(self, broker: Broker) -> bool:
+        """Did this broker's Redis lose data since the last tick? (one round trip)
+
+        A marker key disappears with FLUSHALL; the server's run id changes with a restart
+        or a Sentinel failover to a replica, which may lack the last writes.
+        """
+        pipe = broker.client.pipeline(transaction=False)
+        pipe.set(BROKER_MARKER, secrets.token_hex(8), nx=True)
+        pipe.get(BROKER_MARKER)
+        pipe.info("server")
+        _, marker, info = pipe.execute()
+        epoch = f"{info.get('run_id')}:{marker}"
+        known = self._epochs.get(broker.url)
+        self._epochs[broker.url] = epoch
+        return known is not None and known != epoch
+
+    @staticmethod
+    def _suspect_queues(broker: Broker, queues: list[str], expected: dict[str, int] | None, cutoff) -> set[str]:
+        """Queues that may miss messages: with ``expected`` (full check), those holding fewer
+        messages (plus any unacked or handed-out one) than queued jobs; else the empty ones
+        the database has a job queued on (one EXISTS per empty queue, in one statement)."""
+        # Unacked (delivered to a Celery worker) and handed-out messages may be any queue's.
+        depths, slack = broker.backlog(queues, hashes=(broker.layout.unacked_key, handouts.HANDOUTS))
+        if expected is not None:
+            return {queue for queue, n in expected.items() if queue in depths and depths[queue] + slack < n}
+        empty = [q for q in queues if depths[q] == 0]
+        if not empty:
+            return set()
+        checks = []
+        for queue in empty:
+            capability, _, region = queue.partition(".")
+            checks.append(select(literal(queue)).where(exists().where(
+                Job.status == "queued", Job.capability == capability, Job.region == region,
+                Job.queued_at < cutoff)))
+        return set(db.session.scalars(union_all(*checks) if len(checks) > 1 else checks[0]).all())
 
     @staticmethod
     def _republish_missing(broker: Broker, queues: set[str], cutoff) -> int:

@@ -22,7 +22,7 @@ from flask import current_app
 from .broker import Broker, decode_delivery
 
 __all__ = ["HANDOUTS", "EXPIRY", "poll_redis", "pop", "take", "put_back", "restore_expired",
-           "handed_out", "count"]
+           "handed_out"]
 
 HANDOUTS = "exploop:handouts"
 EXPIRY = "exploop:handout-expiry"
@@ -139,11 +139,6 @@ def restore_expired(client: redis_lib.Redis, limit: int = 1000) -> list[dict]:
     """Put every expired handout's message back on its queue; return the handouts."""
     values = client.eval(_RESTORE, 2, HANDOUTS, EXPIRY, limit)
     return [json.loads(v) for v in values]
-
-
-def count(client: redis_lib.Redis) -> int:
-    """Outstanding handouts (popped by a poll, not yet claimed or restored)."""
-    return int(client.hlen(HANDOUTS))
 
 
 def handed_out(client: redis_lib.Redis) -> set:
