@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import random
 import statistics
@@ -38,6 +39,7 @@ from sqlalchemy import insert, update
 
 from exploop import create_app
 from exploop.app import init_db
+from exploop.broker import decode_delivery
 from exploop.controller import Controller
 from exploop.extensions import db
 from exploop.leases import DEADLINES, LeaseStore
@@ -129,18 +131,19 @@ class Fleet:
     def renew(self, names: list[str]) -> None:
         body = {"status": "active", "jobs_running": 1, "max_jobs": 5, "heartbeat_interval": 30}
         for name in names:
-            self.leases.renew(name, body, 90)
+            self.leases.renew(name, body, 3600)  # no lease runs out during the bench unless expire() says
 
     def change(self, share: float) -> None:
         """1% of agents renew; 1% of queued jobs are consumed and claimed, as many new ones queued."""
         count = max(1, int(len(self.names) * share))
         self.renew(self.rng.sample(self.names, count))
         jobs = max(1, int(len(self.queued_ids) * share))
-        taken = [self.queued_ids.pop(self.rng.randrange(len(self.queued_ids))) for _ in range(jobs)]
         pipe = self.redis.pipeline(transaction=False)
-        for _job_id, capability, region in taken:  # an agent's BRPOP takes one message of that queue
-            pipe.rpop(self.layout.lists(queue_for(capability, region))[0])
-        pipe.execute()
+        for _ in range(jobs):  # agents' BRPOPs take the oldest message of some queue
+            pipe.rpop(self.layout.lists(queue_for(self.rng.choice(CAPABILITIES), self.rng.choice(REGIONS)))[0])
+        taken_ids = {decode_delivery(raw)[0] for raw in pipe.execute() if raw}
+        taken = [entry for entry in self.queued_ids if entry[0] in taken_ids]
+        self.queued_ids = [entry for entry in self.queued_ids if entry[0] not in taken_ids]
         now = utcnow()
         with self.app.app_context():
             db.session.execute(update(Job).where(Job.id.in_([t[0] for t in taken]))
@@ -217,6 +220,7 @@ def main() -> int:
     parser.add_argument("--cases", default="1000x10000,10000x100000",
                         help="agents x queued jobs, comma separated; the first is the baseline")
     args = parser.parse_args()
+    logging.disable(logging.WARNING)  # the expiry case logs one line per agent and job
     cases = [tuple(int(n) for n in case.split("x")) for case in args.cases.split(",")]
     with tempfile.TemporaryDirectory(prefix="exploop-bench-") as tmp:
         redis_port = free_port()

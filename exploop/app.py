@@ -139,7 +139,8 @@ def _guard_requests(app: Flask) -> None:
 
 
 def _observe_requests(app: Flask) -> None:
-    """Request latency per endpoint (route template, never a raw path: bounded labels)."""
+    """Request latency per endpoint (route template, never a raw path: bounded labels), and a
+    ``Server-Timing: app;dur=<ms>`` header on every answer."""
     import time
 
     from flask import g, request
@@ -154,9 +155,11 @@ def _observe_requests(app: Flask) -> None:
     def _observe(response):
         started = g.pop("request_started", None)
         if started is not None:
+            elapsed = time.perf_counter() - started
             endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-            REQUEST_LATENCY.labels(endpoint, request.method, f"{response.status_code // 100}xx").observe(
-                time.perf_counter() - started)
+            REQUEST_LATENCY.labels(endpoint, request.method, f"{response.status_code // 100}xx").observe(elapsed)
+            # Time spent in the API, for operators and the benchmarks (bench/get_agents.py).
+            response.headers["Server-Timing"] = f"app;dur={elapsed * 1000:.1f}"
         return response
 
 

@@ -31,7 +31,7 @@ from .routing import RUN_SCAN, queue_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
-           "requeue", "retry", "cancel", "queue_position", "queue_positions", "queue_positions", "plan_limits", "admission_key",
+           "requeue", "retry", "cancel", "queue_position", "queue_positions", "plan_limits", "admission_key",
            "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
@@ -216,7 +216,7 @@ def _before(keys: dict, column_of, key_column, where) -> dict:
     high = {group: max(values) for group, values in keys.items()}
 
     def in_group(group):
-        return and_(*[column == value for column, value in zip(column_of, group)])
+        return and_(*[column == value for column, value in zip(column_of, group, strict=True)])
     counted = dict(((*group,), n) for *group, n in db.session.execute(
         select(*column_of, func.count()).where(where, or_(*[
             and_(in_group(g), key_column < low[g]) for g in keys])).group_by(*column_of)).all())

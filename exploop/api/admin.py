@@ -6,7 +6,6 @@ is written to the audit log.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import timedelta
 
 import redis
@@ -38,20 +37,6 @@ bp = Blueprint("admin", __name__, url_prefix="/admin/v1",
 
 #: Jobs shown with ``GET /admin/v1/agents/<name>`` (``exploop-admin describe agent``).
 RECENT_JOBS = 10
-
-
-@bp.before_request
-def _start_timer():
-    g.admin_request_started = time.perf_counter()
-
-
-@bp.after_request
-def _server_timing(response):
-    """``Server-Timing: app;dur=<ms>``: time spent in the API, for operators and the benchmark."""
-    started = g.get("admin_request_started")
-    if started is not None:
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
-    return response
 
 
 def _agent(name: str) -> Agent:
