@@ -90,9 +90,9 @@ class Extended:
 
 
 def _queue_position(job):
-    """Precomputed for a page (``Extended(job, queue_position=...)``), else computed for this job."""
-    if "queue_position" in vars(job):
-        return job.queue_position
+    """Precomputed for a page (``job.page_queue_position``), else computed for this job."""
+    if "page_queue_position" in vars(job):
+        return job.page_queue_position
     from ..jobs import queue_position
     return queue_position(job)
 

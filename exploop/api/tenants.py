@@ -34,7 +34,8 @@ def paged_jobs(query, args):
     """A page of jobs with their queue positions computed for the whole page at once."""
     envelope = paged(query, args)
     positions = jobs.queue_positions(envelope["items"])
-    envelope["items"] = [Extended(job, queue_position=positions[job.id]) for job in envelope["items"]]
+    for job in envelope["items"]:
+        job.page_queue_position = positions[job.id]  # read by JobOut (plain attribute, not a column)
     return envelope
 
 

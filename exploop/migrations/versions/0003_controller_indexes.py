@@ -6,6 +6,8 @@
   (started_at + time_limit, set at claim): time-outs are one range scan.
 - ix_jobs_status_tenant (status, tenant_id, created_at): tenants with pending jobs,
   oldest first, for fair admission.
+- ix_jobs_tenant_created (tenant_id, created_at), ix_jobs_status_created (status,
+  created_at): job list pages, newest first, without sorting every job.
 
 Running jobs get their run_deadline computed here, so none escapes its time-out.
 
@@ -33,6 +35,8 @@ def upgrade():
                               unique=False)
         batch_op.create_index('ix_jobs_status_deadline', ['status', 'run_deadline'], unique=False)
         batch_op.create_index('ix_jobs_status_tenant', ['status', 'tenant_id', 'created_at'], unique=False)
+        batch_op.create_index('ix_jobs_tenant_created', ['tenant_id', 'created_at'], unique=False)
+        batch_op.create_index('ix_jobs_status_created', ['status', 'created_at'], unique=False)
     bind = op.get_bind()
     jobs = sa.table('jobs', sa.column('id', sa.String), sa.column('status', sa.String),
                     sa.column('started_at', sa.DateTime), sa.column('time_limit', sa.Integer),
@@ -46,6 +50,8 @@ def upgrade():
 
 def downgrade():
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('ix_jobs_status_created')
+        batch_op.drop_index('ix_jobs_tenant_created')
         batch_op.drop_index('ix_jobs_status_tenant')
         batch_op.drop_index('ix_jobs_status_deadline')
         batch_op.drop_index('ix_jobs_status_queue')
