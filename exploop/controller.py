@@ -137,7 +137,7 @@ class Controller:
         if not agents:
             leases.settle(due)  # deleted or disabled agents
             return 0
-        live = leases.get_many([a.name for a in agents])
+        live = leases.get_many([a.name for a in agents], with_ttl=False)
         offline = [a.id for a in agents if live.get(a.name) is None]
         busy = set(db.session.scalars(select(Job.agent_id).where(
             Job.status == "running", Job.agent_id.in_(offline)).distinct())) if offline else set()
@@ -292,10 +292,12 @@ class Controller:
         republished = 0
         for queue in sorted(queues):
             capability, _, region = queue.partition(".")
-            for job in db.session.scalars(select(Job).where(
-                    Job.status == "queued", Job.capability == capability, Job.region == region,
-                    Job.queued_at < cutoff)):
-                if (job.id, job.attempt) not in present:
+            missing = [job_id for job_id, attempt in db.session.execute(select(Job.id, Job.attempt).where(
+                Job.status == "queued", Job.capability == capability, Job.region == region,
+                Job.queued_at < cutoff)) if (job_id, attempt) not in present]
+            for start in range(0, len(missing), 1000):  # bounded IN lists (SQLite caps parameters)
+                for job in db.session.scalars(select(Job).where(Job.id.in_(missing[start:start + 1000]),
+                                                                Job.status == "queued")).all():
                     logger.warning("job message missing from Redis, publishing again job_id=%s attempt=%s",
                                    job.id, job.attempt)
                     jobs.publish(job)
