@@ -227,7 +227,8 @@ def main() -> int:
         redis_child = start_redis(redis_port, Path(tmp) / "redis.log")
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         database_url = os.environ.get("EXPLOOP_BENCH_DATABASE_URL") or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        print(f"controller tick, {database_url.split(':')[0]} + redis, {args.ticks} ticks per measurement")
+        print(f"controller tick, {database_url.split(':')[0]} + redis, {args.ticks} ticks per measurement,"
+              f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         results = []
         try:
             for agents, queued in cases:
@@ -235,7 +236,8 @@ def main() -> int:
                     Path(database_url[len("sqlite:///"):]).unlink(missing_ok=True)
                 r = run_case(database_url, redis_url, agents, queued, args.ticks)
                 results.append(r)
-                print(f"\n{agents:>6} agents x {queued:>6} queued jobs  (setup {r['setup']:.0f}s)")
+                print(f"\n{agents:>6} agents x {queued:>6} queued jobs  (setup {r['setup']:.0f}s,"
+                      f" load average {os.getloadavg()[0]:.1f})")
                 for label in ("idle", "changing", "full"):
                     values = r[label]
                     name = {"idle": "idle", "changing": "1% changing", "full": "full check"}[label]
