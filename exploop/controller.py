@@ -184,7 +184,12 @@ class Controller:
         """Jobs a poll handed out but nobody claimed in time go back to their queue, same attempt."""
         restored = []
         for broker in self.brokers.all():
-            restored += handouts.restore_expired(broker.client)
+            try:
+                restored += handouts.restore_expired(broker.client)
+            except Exception as exc:  # that broker is down: its handouts wait there for it
+                if not _is_redis_error(exc):
+                    raise
+                logger.warning("broker %s unreachable, cannot restore its handouts: %s", redact(broker.url), exc)
         for handout in restored:
             logger.warning("handout expired, job back on its queue job_id=%s attempt=%s agent=%s queue=%s",
                            (decode_delivery(handout["raw"]) or ("?",))[0], handout["attempt"],
@@ -234,7 +239,7 @@ class Controller:
             except Exception as exc:  # this broker is down: its jobs wait (in the database) for it
                 if not _is_redis_error(exc):
                     raise
-                self._epochs.pop(broker.url, None)
+                self._epochs[broker.url] = "unreachable"  # when it answers again, every queue is checked
                 logger.warning("broker %s unreachable, cannot repair its queues: %s", redact(broker.url), exc)
         return republished
 

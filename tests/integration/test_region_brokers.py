@@ -76,6 +76,9 @@ def test_each_region_on_its_broker_and_an_outage_stays_in_its_region(stack, redi
             job = stack.wait_job(tenant, job_id)
             assert job["status"] == "completed" and job["agent"] == "agent-eu"
         assert not [k for k in keys(redis_client) if "eu-west-1" in k]
+        # The controller kept working for us-east-1 throughout: no tick failed on B's outage.
+        assert "broker redis://127.0.0.1:%d/0 unreachable" % port_b in stack.controller.output()
+        assert "controller tick failed" not in stack.controller.output()
     finally:
         client_b.close()
         redis_b.stop()
