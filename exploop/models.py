@@ -99,8 +99,8 @@ class Job(db.Model):
                       Index("ix_jobs_status_deadline", "status", "run_deadline"),
                       Index("ix_jobs_status_tenant", "status", "tenant_id", "created_at"),
                       # Job lists, newest first: a tenant's, and everyone's by status.
-                      Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
-                      Index("ix_jobs_status_created", "status", "created_at"))
+                      Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+                      Index("ix_jobs_status_created", "status", "created_at", "id"))
     id = db.Column(db.String(32), primary_key=True, default=_job_id)
     tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)

@@ -304,7 +304,7 @@ def list_jobs(args):
         query = query.where(Job.agent_name == args["agent"])
     if args.get("since"):
         query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
-    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
 
 
 def _job(job_id: str) -> Job:

@@ -83,7 +83,7 @@ def list_jobs(args):
     query = select(Job).where(Job.tenant_id == g.tenant.id)
     if args.get("status"):
         query = query.where(Job.status == args["status"])
-    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
 
 
 @bp.get("/jobs/<job_id>")
