@@ -123,12 +123,16 @@ class Controller:
         """
         leases = self.app.extensions["leases"]
         due = leases.due()
-        query = select(Agent).where(Agent.disabled.is_(False))
-        if not full:
-            if not due:
-                return [], []
-            query = query.where(Agent.name.in_(due))
-        return list(db.session.scalars(query).all()), due
+        names = due
+        if full:  # names only, then rows for the agents without a lease
+            every = db.session.scalars(select(Agent.name).where(Agent.disabled.is_(False))).all()
+            alive = leases.present(every)
+            names = sorted({name for name in every if name not in alive} | set(due))
+        agents: list[Agent] = []
+        for start in range(0, len(names), 1000):  # bounded IN lists (SQLite caps parameters)
+            agents += db.session.scalars(select(Agent).where(
+                Agent.disabled.is_(False), Agent.name.in_(names[start:start + 1000]))).all()
+        return agents, due
 
     def expire_leases(self, full: bool = True) -> int:
         """Agents whose lease is gone: log once, and requeue the jobs they were running."""
