@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def one_run(tmp: Path, down_after: int) -> dict:
         while first is None or backlog is None:
             now = time.monotonic()
             if now - killed > 180:
-                raise RuntimeError(f"no recovery within 180 s; logs in {tmp}")
+                stuck = {j: status(url, admin, j) for j in [*pending_before, *([probe] if probe else [])]}
+                raise RuntimeError(f"no recovery within 180 s (first job {first}, backlog {backlog}, still {stuck});"
+                                   f" logs kept in {tmp}")
             if promoted is None:
                 try:
                     if group.master_port() != old:
@@ -125,8 +128,9 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     for n in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="exploop-failover-") as tmp:
-            result = one_run(Path(tmp), args.down_after)
+        tmp = tempfile.mkdtemp(prefix="exploop-failover-")
+        result = one_run(Path(tmp), args.down_after)
+        shutil.rmtree(tmp, ignore_errors=True)  # kept when the run failed
         results.append(result)
         print(f"run {n + 1}: promoted {result['promoted'] or float('nan'):5.2f} s   first job completed"
               f" {result['first']:5.2f} s   backlog of 10 completed {result['backlog']:5.2f} s   (after kill -9)")

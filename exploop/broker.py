@@ -191,15 +191,23 @@ class Broker:
         depths = {name: sum(replies[i * step:(i + 1) * step]) for i, name in enumerate(names)}
         return depths, sum(replies[len(names) * step:])
 
-    def deliveries(self, queues: Iterable[str]) -> set[Delivery]:
-        """Every (job id, attempt) waiting in ``queues`` or delivered and not yet acknowledged."""
+    def deliveries(self, queues: Iterable[str], unacked: bool = True) -> set[Delivery]:
+        """Every (job id, attempt) waiting in ``queues`` (and, with ``unacked``, delivered and not
+        yet acknowledged, in any queue)."""
         present: set[Delivery | None] = set()
         for queue in queues:
             for key in self.layout.lists(queue):
                 present.update(decode_delivery(raw) for raw in self.client.lrange(key, 0, -1))
-        present.update(decode_delivery(raw) for raw in self.client.hvals(self.layout.unacked_key))
+        if unacked:
+            present |= self.unacked()
         present.discard(None)
         return present  # type: ignore[return-value]
+
+    def unacked(self) -> set[Delivery]:
+        """(job id, attempt) of every message delivered to a Celery worker and not yet acknowledged."""
+        found = {decode_delivery(raw) for raw in self.client.hvals(self.layout.unacked_key)}
+        found.discard(None)
+        return found  # type: ignore[return-value]
 
 
 @dataclass

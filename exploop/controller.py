@@ -40,6 +40,9 @@ LEADER_KEY = "exploop:controller:leader"
 BROKER_MARKER = "exploop:broker-marker"
 #: A job queued for longer than this without a message in Redis is published again.
 REPUBLISH_AFTER = timedelta(seconds=5)
+#: A queued job whose only message was delivered to a worker that never claimed it is published
+#: again after this (a claim follows a delivery within moments).
+UNACKED_GRACE = timedelta(seconds=60)
 #: A running job is timed out this long after its time limit (the agent's own limit fires first).
 TIMEOUT_GRACE = timedelta(seconds=60)
 
@@ -296,14 +299,22 @@ class Controller:
     @staticmethod
     def _republish_missing(broker: Broker, queues: set[str], cutoff) -> int:
         """Read ``queues`` whole and publish again each of their queued jobs with no message."""
-        present = broker.deliveries(queues)
+        present = broker.deliveries(queues, unacked=False)
         present |= handouts.handed_out(broker.client)  # popped by a poll, waiting for its claim
+        # Delivered to a worker but never claimed: a worker that died before its claim, or a
+        # delivery whose master failed over. Its message would come back only after the
+        # visibility timeout (hours), so after UNACKED_GRACE it counts as missing.
+        delivered = broker.unacked()
+        orphaned_before = utcnow() - UNACKED_GRACE
         republished = 0
         for queue in sorted(queues):
             capability, _, region = queue.partition(".")
-            missing = [job_id for job_id, attempt in db.session.execute(select(Job.id, Job.attempt).where(
-                Job.status == "queued", Job.capability == capability, Job.region == region,
-                Job.queued_at < cutoff)) if (job_id, attempt) not in present]
+            missing = [job_id for job_id, attempt, queued_at in db.session.execute(
+                select(Job.id, Job.attempt, Job.queued_at).where(
+                    Job.status == "queued", Job.capability == capability, Job.region == region,
+                    Job.queued_at < cutoff))
+                if (job_id, attempt) not in present
+                and ((job_id, attempt) not in delivered or queued_at < orphaned_before)]
             for start in range(0, len(missing), 1000):  # bounded IN lists (SQLite caps parameters)
                 for job in db.session.scalars(select(Job).where(Job.id.in_(missing[start:start + 1000]),
                                                                 Job.status == "queued")).all():

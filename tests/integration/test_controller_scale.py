@@ -138,7 +138,7 @@ def test_repair_reads_only_suspect_queues(ctx, redis_client):
         jobs.publish(job)
     reads = []
     real = app.extensions["broker"].deliveries
-    app.extensions["broker"].deliveries = lambda queues: reads.append(sorted(queues)) or real(queues)
+    app.extensions["broker"].deliveries = lambda queues, **kw: reads.append(sorted(queues)) or real(queues, **kw)
     try:
         assert controller.tick()["republished"] == 0  # full check: counts match
         reads.clear()
@@ -240,3 +240,26 @@ def test_page_queue_positions_match_one_count_per_job(ctx):
     assert len(statements) <= 5  # not one per job
     assert positions == {job.id: one_by_one(job) for job in page}
     assert any(p is not None and p > 1 for p in positions.values())
+
+
+def test_a_delivery_never_claimed_is_published_again_after_the_grace(ctx, redis_client):
+    """A worker that died between delivery and claim (or a master that failed over under it)
+    leaves the message in the unacked hash, which kombu restores only after hours."""
+    import json
+
+    app, tenant = ctx
+    controller = Controller(app, interval=1, full_check_every=1000)
+    layout = app.extensions["broker"].layout
+    fresh, orphan = add_job(tenant, "queued", age=10), add_job(tenant, "queued", age=120)
+    for job in (fresh, orphan):
+        jobs.publish(job)
+    controller.tick()
+    queue = queue_key(app, "sast.us-east-1")
+    for n in range(2):  # both delivered to a worker: out of the queue, into the unacked hash
+        raw = redis_client.rpop(queue)
+        redis_client.hset(layout.unacked_key, f"tag-{n}", json.dumps([json.loads(raw), "", "sast.us-east-1"]))
+    assert redis_client.llen(queue) == 0
+    assert controller.tick()["republished"] == 1  # the one delivered over a minute ago
+    assert redis_client.llen(queue) == 1
+    from exploop.broker import decode_delivery
+    assert decode_delivery(redis_client.lindex(queue, 0)) == (orphan.id, 1)
