@@ -1,4 +1,4 @@
-"""Benchmark ``exploop-admin get agents`` on a fleet of 10,000 agents.
+"""Benchmark ``exploop-admin get agents`` on a fleet of 10,000 agents, and job lists of 100,000 jobs.
 
 Starts a private redis-server and a real API process (``exploop api``) on a fresh
 SQLite database (or ``EXPLOOP_BENCH_DATABASE_URL``, emptied first), inserts the
@@ -7,11 +7,14 @@ agent rows and a lease for most of them, then prints:
 * the API's own time for ``GET /admin/v1/agents`` (its ``Server-Timing`` header:
   auth, one paged query, one pipelined Redis read for the page's leases, JSON),
   for one page and for walking every page, next to what the client observed;
-* the wall time of the CLI itself (``exploop-admin get agents``, all rows).
+* the wall time of the CLI itself (``exploop-admin get agents``, all rows);
+* ``GET /api/v1/jobs`` and ``GET /admin/v1/jobs`` pages of 500 with ``--jobs`` jobs (a big
+  tenant's import: most queued on 12 queues, some pending, some done), each job with
+  its ``queue_position`` (computed for the whole page in a few grouped statements).
 
 It prints numbers and asserts nothing; the target is <= 100 ms server side per request.
 
-    .venv/bin/python bench/get_agents.py [--agents 10000] [--per-page 500] [--repeat 20]
+    .venv/bin/python bench/get_agents.py [--agents 10000] [--jobs 100000] [--per-page 500] [--repeat 20]
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ from sqlalchemy import insert
 from exploop.api.app import create_app, init_db
 from exploop.core.extensions import db
 from exploop.core.leases import LeaseStore
-from exploop.core.models import AdminToken, Agent, utcnow
-from exploop.core.security import ADMIN_PREFIX, hash_token, new_token
+from exploop.core.models import AdminToken, Agent, Job, Tenant, utcnow
+from exploop.core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
 REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "ap-south-1")
@@ -81,6 +84,39 @@ def populate(database_url: str, redis_url: str, count: int, online_share: float)
     pipe.execute()
     client.close()
     return token
+
+
+def populate_jobs(database_url: str, redis_url: str, count: int) -> str:
+    """Insert ``count`` jobs of one tenant: 70% queued, 20% pending, 10% completed; return its key."""
+    import uuid
+    from datetime import timedelta
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "REDIS_URL": redis_url})
+    key = new_token(TENANT_PREFIX)
+    start = utcnow() - timedelta(hours=3)
+    with app.app_context():
+        tenant = Tenant(name="big-import", key_hash=hash_token(key), plan="enterprise")
+        db.session.add(tenant)
+        db.session.commit()
+        rows = []
+        for i in range(count):
+            at = start + timedelta(milliseconds=100 * i)
+            status = "pending" if i % 10 in (3, 7) else "completed" if i % 10 == 5 else "queued"
+            rows.append({"id": uuid.uuid4().hex, "tenant_id": tenant.id, "capability": ("sast", "sca", "secrets")[i % 3],
+                         "region": REGIONS[(i // 3) % 4], "repo_url": f"https://example.com/r{i}.git", "ref": "HEAD",
+                         "status": status, "priority": "normal", "admission_key": at, "attempt": 1,
+                         "max_attempts": 3, "time_limit": 1800, "progress": 0, "created_at": at,
+                         "queued_at": at if status != "pending" else None,
+                         "finished_at": at if status == "completed" else None})
+            if len(rows) == 5000:
+                db.session.execute(insert(Job), rows)
+                rows = []
+        if rows:
+            db.session.execute(insert(Job), rows)
+        db.session.commit()
+        db.session.remove()
+        db.engine.dispose()
+    app.extensions["redis"].close()
+    return key
 
 
 def _server_ms(response: requests.Response) -> float:
@@ -146,6 +182,7 @@ def main() -> int:
     parser.add_argument("--cli-repeat", type=int, default=3)
     parser.add_argument("--online", type=float, default=0.9, help="share of agents with a lease")
     parser.add_argument("--workers", type=int, default=2, help="API worker processes")
+    parser.add_argument("--jobs", type=int, default=100_000, help="jobs for the job list pages (0: skip)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="exploop-bench-") as tmp:
@@ -159,7 +196,8 @@ def main() -> int:
         try:
             started = time.perf_counter()
             token = populate(database_url, redis_url, args.agents, args.online)
-            print(f"setup: {args.agents} agents, {int(args.online * 100)}% with a lease,"
+            tenant_key = populate_jobs(database_url, redis_url, args.jobs) if args.jobs else None
+            print(f"setup: {args.agents} agents, {int(args.online * 100)}% with a lease, {args.jobs} jobs,"
                   f" {database_url.split(':')[0]} + redis, in {time.perf_counter() - started:.1f}s")
             env = dict(os.environ, EXPLOOP_SQLALCHEMY_DATABASE_URI=database_url,
                        EXPLOOP_REDIS_URL=redis_url, EXPLOOP_REGIONS=",".join(REGIONS))
@@ -191,6 +229,21 @@ def main() -> int:
 
             server, client = measure_page(session, base + "/admin/v1/cluster-info", {}, 5)
             print(f"  {'GET /admin/v1/cluster-info':32s} server {_stats(server)}")
+
+            if tenant_key:
+                pages = -(-args.jobs // args.per_page)
+                tenant_session = requests.Session()
+                tenant_session.headers["Authorization"] = f"Bearer {tenant_key}"
+                print(f"\njob lists, {args.jobs} jobs, per_page={args.per_page} (with queue_position)")
+                for label, session_, path, params in (
+                        ("GET /api/v1/jobs first page", tenant_session, "/api/v1/jobs", {}),
+                        ("GET /api/v1/jobs middle page", tenant_session, "/api/v1/jobs", {"page": pages // 2}),
+                        ("GET /api/v1/jobs?status=pending", tenant_session, "/api/v1/jobs", {"status": "pending"}),
+                        ("GET /admin/v1/jobs first page", session, "/admin/v1/jobs", {}),
+                        ("GET /admin/v1/jobs?status=queued", session, "/admin/v1/jobs", {"status": "queued"})):
+                    server, client = measure_page(session_, base + path, {"per_page": args.per_page, **params},
+                                                  args.repeat)
+                    print(f"  {label:32s} server {_stats(server)}")
 
             cli_env = dict(os.environ, EXPLOOP_API_URL=base, EXPLOOP_ADMIN_TOKEN=token)
             print("\nexploop-admin (wall time, process start to exit)")

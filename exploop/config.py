@@ -70,8 +70,17 @@ def server_defaults() -> dict:
     return {
         # Database: SQLite under the data directory; PostgreSQL in production.
         "SQLALCHEMY_DATABASE_URI": f"sqlite:///{data_dir() / 'exploop.db'}",
-        # Redis holds broker queues and leases; nothing in it is the only copy.
+        # Redis holds broker queues and leases; nothing in it is the only copy. Either
+        # redis://host:6379/0 or, through Redis Sentinel, sentinel://h1:26379;sentinel://h2:26379
+        # (kombu's form) with SENTINEL_MASTER_NAME naming the monitored master.
         "REDIS_URL": "redis://127.0.0.1:6379/0",
+        # The master name the sentinels monitor (every sentinel:// URL: REDIS_URL, the broker,
+        # REGION_BROKERS).
+        "SENTINEL_MASTER_NAME": "exploop",
+        # Region-sharded brokers: "region=url,region=url" (or a JSON object). Jobs of a named
+        # region are published to, polled from and repaired on that broker; every other region
+        # uses the default broker (CELERY__broker_url, else REDIS_URL). Leases stay on REDIS_URL.
+        "REGION_BROKERS": "",
         # Broker URL handed to agents (defaults to REDIS_URL as the API sees it).
         "AGENT_BROKER_URL": None,
         # Regions accepted for jobs besides those of registered agents (comma separated).

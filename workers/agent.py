@@ -258,9 +258,21 @@ def run(settings: AgentSettings) -> int:
         from .http_agent import run_http
         return run_http(settings, runtime)
     broker_url = settings.broker_url or config["broker_url"]
-    prefix = config.get("broker_key_prefix")
+    # The API hands out every transport option kombu needs (key prefix, Sentinel master name);
+    # an older API only the prefix.
+    options = dict(config.get("broker_transport_options") or {})
+    if config.get("broker_key_prefix"):
+        options.setdefault("global_keyprefix", config["broker_key_prefix"])
+    options.pop("visibility_timeout", None)
+    overrides: dict = {"broker_transport_options": options} if options else {}
+    if broker_url.startswith("sentinel://"):
+        # kombu's sentinel transport cannot re-create the remote-control (pub/sub) connection
+        # after a failover: the worker dies with "Unrecoverable error: AttributeError". Without
+        # remote control, drain and uncordon apply at the next lease renewal instead of at once.
+        overrides["worker_enable_remote_control"] = False
+        logger.info("sentinel broker: remote control off; drain applies at the next lease renewal")
     app = make_celery(broker_url, queues=runtime.queues, visibility_timeout=config["visibility_timeout"],
-                      overrides={"broker_transport_options": {"global_keyprefix": prefix}} if prefix else None)
+                      overrides=overrides or None)
     app.exploop_runtime = runtime
     app.exploop_settings = settings
     register_tasks(app)

@@ -6,7 +6,6 @@ is written to the audit log.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import timedelta
 
 import redis
@@ -55,7 +54,7 @@ from .schemas import (
     TokenPage,
     TokenRevoke,
 )
-from .tenants import paged
+from .tenants import paged, paged_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +63,6 @@ bp = Blueprint("admin", __name__, url_prefix="/admin/v1",
 
 #: Jobs shown with ``GET /admin/v1/agents/<name>`` (``exploop-admin describe agent``).
 RECENT_JOBS = 10
-
-
-@bp.before_request
-def _start_timer():
-    g.admin_request_started = time.perf_counter()
-
-
-@bp.after_request
-def _server_timing(response):
-    """``Server-Timing: app;dur=<ms>``: time spent in the API, for operators and the benchmark."""
-    started = g.get("admin_request_started")
-    if started is not None:
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
-    return response
 
 
 def _agent(name: str) -> Agent:
@@ -287,7 +272,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
     """Tell the agent's worker at once (the lease re-applies it if this is lost)."""
     if not nodename:
         return
-    control = current_app.extensions["celery"].control
+    control = current_app.extensions["brokers"].for_region(agent.region).celery.control
     try:
         for queue in queues_for(agent.capability_list, agent.region):
             if state == DesiredState.DRAINING:
@@ -398,7 +383,7 @@ def list_jobs(args):
         query = query.where(Job.agent_name == args["agent"])
     if args.get("since"):
         query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
-    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
 
 
 def _job(job_id: str) -> Job:
@@ -487,11 +472,10 @@ def cluster_info():
     for queue in queues:
         consumers.setdefault(queue, None if leases is None else 0)
     depths: dict[str, int | None] = {name: None for name in queues}
+    brokers = current_app.extensions["brokers"]
+    broker_health = brokers.health({q.partition(".")[2] for q in queues})
     if leases is not None:
-        try:
-            depths = dict(current_app.extensions["broker_reads"].depths(queues))
-        except redis.RedisError as exc:
-            checks["redis"] = f"error: {exc.__class__.__name__}"
+        depths = brokers.depths(queues)  # None for a queue whose broker is unreachable
     unconsumed = sorted(q for q in queues if consumers[q] == 0 and ((depths[q] or 0) > 0 or waiting.get(q, 0) > 0))
     since = utcnow() - timedelta(hours=24)
     counts: dict[str, int | None] = dict(jobs.status_counts())
@@ -507,6 +491,7 @@ def cluster_info():
         "queues": dict(sorted(depths.items())),
         "consumers": dict(sorted(consumers.items())),
         "unconsumed": unconsumed,
+        "brokers": broker_health,
         "jobs": {s: counts.get(s, 0) for s in ("pending", "queued", "running", "failed_24h",
                                                 "completed_24h")},
     }

@@ -15,7 +15,7 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ..broker import Broker, KeyLayout
+from ..broker import Broker, Brokers, KeyLayout, is_sentinel, parse_region_brokers, redis_client
 from ..celery_app import make_celery
 from ..config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from ..core.extensions import db, migrate
@@ -41,8 +41,12 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     db.init_app(app)
     migrate.init_app(app, db)
-    client = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5,
-                                  socket_connect_timeout=3, health_check_interval=30)
+    master_name = app.config["SENTINEL_MASTER_NAME"]
+    try:
+        client = redis_client(app.config["REDIS_URL"], master_name, socket_timeout=5,
+                              socket_connect_timeout=3, health_check_interval=30)
+    except ValueError as exc:
+        raise ConfigError(f"EXPLOOP_REDIS_URL: {exc}") from None
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
     reads = _fleet_read_client(app)
@@ -53,14 +57,26 @@ def create_app(test_config: dict | None = None) -> Flask:
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
     celery_conf = {k.lower(): v for k, v in app.config["CELERY"].items()}
     regions = [r.strip() for r in app.config["REGIONS"].split(",") if r.strip()]
-    app.extensions["celery"] = make_celery(
-        celery_conf.pop("broker_url", app.config["REDIS_URL"]),
-        queues=[queue_for(c, r) for r in regions for c in CAPABILITIES],
-        # Longer than any job may run, so Redis never redelivers a running scan.
-        visibility_timeout=2 * time_limit + 600,
-        overrides=celery_conf)
-    app.extensions["broker"] = _broker(app, client)
-    app.extensions["broker_reads"] = _broker(app, reads, for_reads=True)  # queue depths in an incident
+    try:
+        region_urls = parse_region_brokers(app.config["REGION_BROKERS"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    default_url = celery_conf.pop("broker_url", app.config["REDIS_URL"])
+    brokers: dict[str, Broker] = {}
+
+    def broker_for(url: str) -> Broker:
+        if url not in brokers:
+            # Each publisher declares only the queues of the regions it carries.
+            own = [r for r in regions if region_urls.get(r, default_url) == url]
+            own += [r for r, u in region_urls.items() if u == url and r not in own]
+            brokers[url] = _broker(app, url, client, own, time_limit, celery_conf)
+        return brokers[url]
+
+    default = broker_for(default_url)
+    app.extensions["brokers"] = Brokers(default, {r: broker_for(u) for r, u in region_urls.items()})
+    # The default broker (regions not in REGION_BROKERS) under its historical names.
+    app.extensions["celery"] = default.celery
+    app.extensions["broker"] = default
 
     api = Api(app, spec_kwargs={"components": {"securitySchemes": _SECURITY_SCHEMES}})
     app.extensions["smorest"] = api
@@ -137,7 +153,8 @@ def _guard_requests(app: Flask) -> None:
 
 
 def _observe_requests(app: Flask) -> None:
-    """Request latency per endpoint (route template, never a raw path: bounded labels)."""
+    """Request latency per endpoint (route template, never a raw path: bounded labels), and a
+    ``Server-Timing: app;dur=<ms>`` header on every answer."""
     @app.before_request
     def _start_timer():
         g.request_started = time.perf_counter()
@@ -146,9 +163,11 @@ def _observe_requests(app: Flask) -> None:
     def _observe(response):
         started = g.pop("request_started", None)
         if started is not None:
+            elapsed = time.perf_counter() - started
             endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-            REQUEST_LATENCY.labels(endpoint, request.method, f"{response.status_code // 100}xx").observe(
-                time.perf_counter() - started)
+            REQUEST_LATENCY.labels(endpoint, request.method, f"{response.status_code // 100}xx").observe(elapsed)
+            # Time spent in the API, for operators and the benchmarks (bench/get_agents.py).
+            response.headers["Server-Timing"] = f"app;dur={elapsed * 1000:.1f}"
         return response
 
 
@@ -186,10 +205,25 @@ def init_db(app: Flask) -> None:
     upgrade(app)
 
 
-def _broker(app: Flask, client: redis.Redis, *, for_reads: bool = False) -> Broker:
-    """The broker's Redis (the same client when the broker is REDIS_URL) and kombu's key layout."""
-    conf = app.extensions["celery"].conf
-    if conf.broker_url != app.config["REDIS_URL"]:
-        client = _fleet_read_client(app, conf.broker_url) if for_reads else redis.Redis.from_url(
-            conf.broker_url, socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
-    return Broker(client, KeyLayout.from_transport_options(conf.broker_transport_options))
+def _broker(app: Flask, url: str, client: redis.Redis, regions: list[str], time_limit: float,
+            celery_conf: dict) -> Broker:
+    """One broker: its Celery publisher, its Redis (the same client when it is REDIS_URL), kombu's layout."""
+    master_name = app.config["SENTINEL_MASTER_NAME"]
+    overrides = dict(celery_conf)
+    if is_sentinel(url):
+        # kombu's sentinel:// transport finds the master by this name.
+        overrides["broker_transport_options"] = {"master_name": master_name,
+                                                 **overrides.get("broker_transport_options", {})}
+    celery = make_celery(
+        url, queues=[queue_for(c, r) for r in regions for c in CAPABILITIES],
+        # Longer than any job may run, so Redis never redelivers a running scan.
+        visibility_timeout=2 * time_limit + 600, overrides=overrides)
+    options = celery.conf.broker_transport_options
+    if url != app.config["REDIS_URL"]:
+        try:
+            client = redis_client(url, options.get("master_name"), socket_timeout=5, socket_connect_timeout=3,
+                                  health_check_interval=30)
+        except ValueError as exc:
+            raise ConfigError(f"broker {url.split('@')[-1]!r}: {exc}") from None
+    return Broker(client, KeyLayout.from_transport_options(options), url=url, celery=celery,
+                  master_name=options.get("master_name"))

@@ -76,8 +76,9 @@ class FleetCollector:
 
             depth = GaugeMetricFamily("exploop_queue_depth", "Messages waiting in each broker queue.",
                                       labels=["queue"])
-            for queue, n in self.app.extensions["broker_reads"].depths(queues).items():
-                depth.add_metric([queue], n)
+            for queue, n in self.app.extensions["brokers"].depths(queues).items():
+                if n is not None:  # its broker is unreachable
+                    depth.add_metric([queue], n)
             yield depth
 
 

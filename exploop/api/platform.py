@@ -60,10 +60,21 @@ def agent_config():
     fleet.forget_agent(g.agent)
     config = current_app.config
     time_limit = int(parse_duration(config["JOB_TIME_LIMIT"]))
+    brokers = current_app.extensions["brokers"]
+    broker = brokers.for_region(g.agent.region)
+    url = broker.url
+    if broker is brokers.default and config["AGENT_BROKER_URL"]:
+        url = config["AGENT_BROKER_URL"]
+    options = broker.celery.conf.broker_transport_options
     return {"agent": g.agent,
-            "broker_url": config["AGENT_BROKER_URL"] or current_app.extensions["celery"].conf.broker_url,
-            "visibility_timeout": current_app.extensions["celery"].conf.broker_transport_options["visibility_timeout"],
-            "broker_key_prefix": current_app.extensions["broker"].layout.prefix,
+            "broker_url": url,
+            # Everything kombu needs besides the URL: visibility_timeout, global_keyprefix,
+            # and master_name for a sentinel:// broker.
+            "broker_transport_options": {k: options[k] for k in ("visibility_timeout", "global_keyprefix",
+                                                                 "master_name", "sep", "priority_steps")
+                                         if k in options},
+            "visibility_timeout": options["visibility_timeout"],
+            "broker_key_prefix": broker.layout.prefix,
             "job_time_limit": time_limit,
             "max_poll_timeout": int(parse_duration(config["MAX_POLL_TIMEOUT"], "MAX_POLL_TIMEOUT"))}
 
@@ -119,7 +130,8 @@ def poll(body):
     if draining:
         time.sleep(hold)
         return "", 204
-    handout = handouts.pop(name, queues, hold, window)
+    broker = current_app.extensions["brokers"].for_region(agent.region)
+    handout = handouts.pop(name, queues, hold, window, broker)
     if handout is None:
         return "", 204
     current_app.logger.info("job handed out job_id=%s attempt=%s agent=%s handout_id=%s",
@@ -138,15 +150,16 @@ def claim(body, job_id):
     unexpired, else 409 "handout expired": the job went back to its queue for another.
     The answer carries the scoped job token that progress, complete and fail require."""
     handout = None
+    broker = current_app.extensions["brokers"].for_region(g.agent.region)
     if body.get("handout_id"):
-        handout, why = handouts.take(job_id, body["handout_id"], g.agent.name)
+        handout, why = handouts.take(job_id, body["handout_id"], g.agent.name, broker)
         if handout is None:
             raise ApiError(409, "handout expired", {"reason": "handout expired", "handout": why})
     try:
         job, token = jobs.claim(g.agent, job_id, body["attempt"], body.get("incarnation"))
     except ApiError as exc:
         if handout is not None and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
-            handouts.put_back(handout)  # a draining agent's job is for another agent
+            handouts.put_back(handout, broker)  # a draining agent's job is for another agent
         raise
     return Extended(job, job_token=token)
 

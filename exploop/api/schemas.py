@@ -92,6 +92,13 @@ class Extended:
         return getattr(self._obj, name)
 
 
+def _queue_position(job):
+    """Precomputed for a page (``job.page_queue_position``), else computed for this job."""
+    if "page_queue_position" in vars(job):
+        return job.page_queue_position
+    return queue_position(job)
+
+
 class Strict(Schema):
     """Answers and admin/tenant bodies: unknown fields are refused (marshmallow's default)."""
 
@@ -162,7 +169,7 @@ class JobOut(Strict):
     id = fields.String()
     status = fields.String()
     priority = fields.String()
-    queue_position = fields.Function(lambda job: queue_position(job), allow_none=True,
+    queue_position = fields.Function(_queue_position, allow_none=True,
                                      metadata={"description": "1-based, while pending or queued"})
     capability = fields.String()
     region = fields.String()
@@ -242,7 +249,11 @@ class RegisterOut(AgentIdentity):
 
 class AgentConfigOut(Strict):
     agent = fields.Nested(AgentIdentity)
-    broker_url = fields.String()
+    broker_url = fields.String(metadata={
+        "description": "the broker of the agent's region: redis://... or sentinel://h1:26379;sentinel://h2:26379"})
+    broker_transport_options = fields.Dict(metadata={
+        "description": "kombu transport options to consume with: visibility_timeout, global_keyprefix,"
+                       " master_name (sentinel:// brokers)"})
     visibility_timeout = fields.Integer()
     broker_key_prefix = fields.String(metadata={
         "description": "kombu's global_keyprefix on the broker; agents consume with the same one"})
@@ -606,6 +617,12 @@ class JobCounts(Strict):
     completed_24h = fields.Integer()
 
 
+class BrokerInfo(Strict):
+    url = fields.String(metadata={"description": "the broker URL without its password"})
+    regions = fields.List(fields.String())
+    status = fields.String(metadata={"description": "ok, or error: <kind>"})
+
+
 class ClusterInfoOut(Strict):
     api = fields.String()
     version = fields.String()
@@ -619,5 +636,8 @@ class ClusterInfoOut(Strict):
                             metadata={"description": "online agents consuming each queue (null: unknown)"})
     unconsumed = fields.List(fields.String(), metadata={
         "description": "queues with jobs waiting (broker depth or queued job records) and no online agent"})
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
+    brokers = fields.Dict(keys=fields.String(), values=fields.Nested(BrokerInfo), metadata={
+        "description": "each broker (\"default\", or the regions REGION_BROKERS gives it): url, regions, status"})
     jobs = fields.Nested(JobCounts)
     degraded = fields.String(metadata=_DEGRADED)

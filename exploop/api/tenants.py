@@ -30,6 +30,15 @@ def paged(query, args):
     return {"items": items, "page": args["page"], "per_page": args["per_page"], "total": total}
 
 
+def paged_jobs(query, args):
+    """A page of jobs with their queue positions computed for the whole page at once."""
+    envelope = paged(query, args)
+    positions = jobs.queue_positions(envelope["items"])
+    for job in envelope["items"]:
+        job.page_queue_position = positions[job.id]  # read by JobOut (plain attribute, not a column)
+    return envelope
+
+
 def tenant_job(job_id: str) -> Job:
     return jobs.get_job(job_id, tenant_id=g.tenant.id)
 
@@ -75,7 +84,7 @@ def list_jobs(args):
     query = select(Job).where(Job.tenant_id == g.tenant.id)
     if args.get("status"):
         query = query.where(Job.status == args["status"])
-    return paged(query.order_by(Job.created_at.desc(), Job.id), args)
+    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
 
 
 @bp.get("/jobs/<job_id>")

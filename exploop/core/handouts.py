@@ -8,6 +8,8 @@ with the handout id before it expires. If the poll's answer was lost (client gon
 proxy dropped it), the controller's ``restore_handouts`` pushes the raw message back at
 the consuming end of its queue, attempt unchanged. Claim and restore each delete the
 handout in one Lua step, so exactly one of them wins; a late claim is refused.
+Handouts live on the broker that holds the queue (the agent's region's broker), so the
+Lua scripts that push a message back run where the queue is.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import secrets
 import redis as redis_lib
 from flask import current_app
 
-from ..broker import decode_delivery
+from ..broker import Broker, decode_delivery
 from ..config import parse_duration
 from .exceptions import ApiError
 
@@ -73,25 +75,25 @@ return restored
 """
 
 
-def poll_redis(app) -> redis_lib.Redis:
-    """A client whose socket timeout outlasts the longest long-poll (BRPOP blocks)."""
-    client = app.extensions.get("redis_poll")
+def poll_redis(app, broker: Broker) -> redis_lib.Redis:
+    """A client of ``broker`` whose socket timeout outlasts the longest long-poll (BRPOP blocks)."""
+    clients = app.extensions.setdefault("redis_poll", {})
+    client = clients.get(broker.url)
     if client is None:
         hold = parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
         # One connection per held poll (BRPOP blocks it): the pool must hold every poll this
         # process may hold (redis-py's default caps a pool at 100).
-        client = redis_lib.Redis.from_url(app.extensions["celery"].conf.broker_url, socket_timeout=hold + 10,
-                                          socket_connect_timeout=3, health_check_interval=30,
-                                          max_connections=int(app.config["MAX_HELD_POLLS"]))
-        app.extensions["redis_poll"] = client
+        client = broker.connect(socket_timeout=hold + 10, socket_connect_timeout=3, health_check_interval=30,
+                                max_connections=int(app.config["MAX_HELD_POLLS"]))
+        clients[broker.url] = client
     return client
 
 
-def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) -> dict | None:
-    """Block up to ``hold`` seconds for a message on ``queues``; record and return a handout."""
+def pop(agent_name: str, queues: list[str], hold: float, claim_window: float, broker: Broker) -> dict | None:
+    """Block up to ``hold`` seconds for a message on ``queues`` of ``broker``; record and return a handout."""
     app = current_app
-    client = poll_redis(app)
-    keys = current_app.extensions["broker"].layout.consume_order(queues)
+    client = poll_redis(app, broker)
+    keys = broker.layout.consume_order(queues)
     deadline_left = hold
     while True:
         try:
@@ -119,19 +121,18 @@ def pop(agent_name: str, queues: list[str], hold: float, claim_window: float) ->
             "claim_within": claim_window, "queue": key}
 
 
-def take(job_id: str, handout_id: str, agent_name: str) -> tuple[dict | None, str]:
+def take(job_id: str, handout_id: str, agent_name: str, broker: Broker) -> tuple[dict | None, str]:
     """Delete the agent's unexpired handout of ``job_id``; (handout, "") or (None, why)."""
-    ok, value = current_app.extensions["broker"].client.eval(_TAKE, 2, HANDOUTS, EXPIRY, job_id, handout_id,
-                                                     agent_name)
+    ok, value = broker.client.eval(_TAKE, 2, HANDOUTS, EXPIRY, job_id, handout_id, agent_name)
     value = value.decode() if isinstance(value, bytes) else value
     if not ok:
         return None, value
     return json.loads(value), ""
 
 
-def put_back(handout: dict) -> None:
+def put_back(handout: dict, broker: Broker) -> None:
     """Return a taken handout's message to the consuming end of its queue (claim refused)."""
-    current_app.extensions["broker"].client.rpush(handout["queue"], handout["raw"])
+    broker.client.rpush(handout["queue"], handout["raw"])
 
 
 def restore_expired(client: redis_lib.Redis, limit: int = 1000) -> list[dict]:

@@ -12,13 +12,15 @@ import hashlib
 import json
 import logging
 import re
+from bisect import bisect_left
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
 from urllib.parse import urlparse
 
 import redis
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 
 from ..celery_app import declare_queue
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
            "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url",
-           "adopt_incarnation", "requeue_lost", "status_counts", "get_job"]
+           "adopt_incarnation", "requeue_lost", "status_counts", "get_job", "queue_positions"]
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
@@ -249,19 +251,74 @@ def _active_count(tenant_id: int) -> int:
 
 
 def queue_position(job: Job) -> int | None:
-    """1-based position of a waiting job: queued jobs go first-in first-out on their queue;
-    a pending job comes after everything queued there and the tenant's pending jobs that
-    are admitted before it. None once the job runs or ended."""
-    if job.status == JobStatus.QUEUED:
-        ahead = _count(Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region,
-                       Job.queued_at < job.queued_at)
-        return ahead + 1
-    if job.status == JobStatus.PENDING:
-        queued = _count(Job.status == JobStatus.QUEUED, Job.capability == job.capability, Job.region == job.region)
-        before = _count(Job.tenant_id == job.tenant_id, Job.status == JobStatus.PENDING,
-                        Job.admission_key < job.admission_key)
-        return queued + before + 1
-    return None
+    """1-based position of a waiting job (see ``queue_positions``); None once it runs or ended."""
+    return queue_positions([job])[job.id]
+
+
+def _ranks(anchors: dict, rows: Sequence) -> dict:
+    """Per group: (jobs strictly before the group's first key, sorted keys from there on)."""
+    ranges: dict = {group: [] for group in anchors}
+    for *group, key in rows:
+        ranges[tuple(group)].append(key)
+    return {group: (anchors[group], sorted(keys)) for group, keys in ranges.items()}
+
+
+def _before(keys: dict, column_of, key_column, where) -> dict:
+    """For each group (values of ``column_of``) and each key in ``keys[group]``: how many rows
+    matching ``where`` in that group have a key strictly below it.
+
+    Two statements for any number of groups and keys: a grouped count below each group's
+    smallest key, and the keys between its smallest and largest (index range scans).
+    """
+    if not keys:
+        return {}
+    low = {group: min(values) for group, values in keys.items()}
+    high = {group: max(values) for group, values in keys.items()}
+
+    def in_group(group):
+        return and_(*[column == value for column, value in zip(column_of, group, strict=True)])
+    counted = dict(((*group,), n) for *group, n in db.session.execute(
+        select(*column_of, func.count()).where(where, or_(*[
+            and_(in_group(g), key_column < low[g]) for g in keys])).group_by(*column_of)).all())
+    anchors = {g: counted.get(g, 0) for g in keys}
+    rows = db.session.execute(select(*column_of, key_column).where(where, or_(*[
+        and_(in_group(g), key_column >= low[g], key_column <= high[g]) for g in keys]))).all()
+    ranks = _ranks(anchors, rows)
+    return {g: {key: ranks[g][0] + bisect_left(ranks[g][1], key) for key in values}
+            for g, values in keys.items()}
+
+
+def queue_positions(page: list[Job]) -> dict[str, int | None]:
+    """1-based positions of a page of jobs, in a handful of indexed statements (not per job).
+
+    Queued jobs go first-in first-out on their queue; a pending job comes after
+    everything queued there and the tenant's pending jobs that are admitted before it.
+    """
+    positions: dict[str, int | None] = {job.id: None for job in page}
+    queued = [j for j in page if j.status == "queued" and j.queued_at is not None]
+    pending = [j for j in page if j.status == "pending"]
+    queue_columns = (Job.capability, Job.region)
+    if queued:
+        keys: dict = {}
+        for job in queued:
+            keys.setdefault((job.capability, job.region), set()).add(job.queued_at)
+        before = _before(keys, queue_columns, Job.queued_at, Job.status == "queued")
+        for job in queued:
+            positions[job.id] = before[(job.capability, job.region)][job.queued_at] + 1
+    if pending:
+        queues = {(j.capability, j.region) for j in pending}
+        totals = dict(((c, r), n) for c, r, n in db.session.execute(
+            select(Job.capability, Job.region, func.count()).where(Job.status == "queued", or_(*[
+                and_(Job.capability == c, Job.region == r) for c, r in queues]))
+            .group_by(Job.capability, Job.region)).all())
+        keys = {}
+        for job in pending:
+            keys.setdefault((job.tenant_id,), set()).add(job.admission_key)
+        before = _before(keys, (Job.tenant_id,), Job.admission_key, Job.status == "pending")
+        for job in pending:
+            positions[job.id] = (totals.get((job.capability, job.region), 0)
+                                 + before[(job.tenant_id,)][job.admission_key] + 1)
+    return positions
 
 
 def admit_pending(tenant_id: int) -> int:
@@ -292,7 +349,7 @@ def admit_pending(tenant_id: int) -> int:
 
 def publish(job: Job) -> bool:
     """Publish a queued job's current attempt; on failure put it back to ``pending``."""
-    celery = current_app.extensions["celery"]
+    celery = current_app.extensions["brokers"].for_region(job.region).celery
     queue = queue_for(job.capability, job.region)
     try:
         declare_queue(celery, queue)
@@ -339,7 +396,7 @@ def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = Non
     result = _execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, agent_id=agent.id, agent_name=agent.name, incarnation=incarnation,
-                started_at=now, progress=0,
+                started_at=now, progress=0, run_deadline=now + timedelta(seconds=job.time_limit),
                 progress_message=None, job_token_hash=hash_token(token),
                 job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
     db.session.commit()
@@ -442,7 +499,7 @@ def requeue(job: Job, reason: str) -> Job:
     job.attempt += 1
     job.status, job.agent_id, job.error = JobStatus.QUEUED, None, reason
     job.queued_at, job.started_at, job.progress = utcnow(), None, 0
-    job.job_token_hash = job.job_token_expires_at = None
+    job.job_token_hash = job.job_token_expires_at = job.run_deadline = None
     db.session.commit()
     logger.warning("job requeued job_id=%s attempt=%s reason=%s", job.id, job.attempt, reason)
     publish(job)
@@ -478,7 +535,7 @@ def retry(job: Job, actor: str) -> Job:
     job.max_attempts = max(job.max_attempts, job.attempt)
     job.status, job.agent_id, job.finished_at, job.started_at = JobStatus.PENDING, None, None, None
     job.progress, job.error, job.cancelled_by = 0, None, None
-    job.job_token_hash = job.job_token_expires_at = None
+    job.job_token_hash = job.job_token_expires_at = job.run_deadline = None
     job.admission_key = admission_key(utcnow(), job.priority)
     db.session.commit()
     logger.info("job retried job_id=%s attempt=%s by=%s", job.id, job.attempt, actor)

@@ -1,8 +1,12 @@
 """Agent leases in Redis: ``exploop:lease:<agent>`` with a TTL, renewed by heartbeats.
 
 A lease that is present means the agent is alive; its value is the last body the
-agent reported. Nothing here is the only copy of anything: a flushed Redis only
-makes agents look offline until their next renewal.
+agent reported. Every renewal also records the lease's deadline in the sorted set
+``exploop:lease-deadlines`` (agent -> Redis time when the TTL runs out), so the
+controller finds the leases that may have expired without reading the whole fleet.
+Nothing here is the only copy of anything: a flushed Redis only makes agents look
+offline until their next renewal (the controller's periodic full check covers an
+index lost with it).
 """
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import time
 import redis
 
 __all__ = ["LeaseStore", "LEASE_PREFIX", "IDENTITY_PREFIX", "LAST_RENEWAL_KEY", "RESUMED_KEY",
-           "AGENT_RENEWALS_KEY"]
+           "AGENT_RENEWALS_KEY", "DEADLINES"]
 
 LEASE_PREFIX = "exploop:lease:"
 #: Agent identity by key hash, cached for the lease hot path (expires, and is
 #: deleted whenever the agent record changes; the database stays the truth).
 IDENTITY_PREFIX = "exploop:agent-key:"
+#: Sorted set agent name -> lease deadline (Redis server time, seconds).
+DEADLINES = "exploop:lease-deadlines"
 
 #: When any agent last renewed (epoch seconds), and when renewals last resumed after a
 #: fleet-wide silence or a Redis that lost its keys: the controller's "outage, not crash" signal.
@@ -27,11 +33,13 @@ RESUMED_KEY = "exploop:fleet:resumed-at"
 #: whose lease has gone, exact to the renewal (the database copy lags up to a minute).
 AGENT_RENEWALS_KEY = "exploop:last-renewal"
 
-# Note a renewal: the agent's own time (KEYS[#KEYS - 2], a hash), and fleet-wide: a gap
+# Note a renewal: its deadline (KEYS[#KEYS - 3], by Redis' clock), the agent's own time
+# (KEYS[#KEYS - 2], a hash), and fleet-wide: a gap
 # longer than ARGV[#ARGV] seconds since the previous renewal (or no previous one: Redis
 # lost its keys) means renewals stopped for everyone and now resume.
 _TOUCH_FLEET = """
 local now, gap = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+redis.call('ZADD', KEYS[#KEYS - 3], tonumber(redis.call('TIME')[1]) + tonumber(ARGV[2]), ARGV[#ARGV - 2])
 redis.call('HSET', KEYS[#KEYS - 2], ARGV[#ARGV - 2], ARGV[#ARGV - 1])
 local last = redis.call('GET', KEYS[#KEYS - 1])
 if (not last) or (now - tonumber(last) > gap) then redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1]) end
@@ -54,7 +62,28 @@ ARGV[#ARGV - 2] = name  -- the agent's name, for its renewal time
 return raw
 """
 
-_FLEET_KEYS = [AGENT_RENEWALS_KEY, LAST_RENEWAL_KEY, RESUMED_KEY]
+# Agents whose deadline passed (Redis time), at most ARGV[1] of them.
+_DUE = """
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]), 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+# Drop agents from the index unless a renewal moved their deadline into the future meanwhile.
+_SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local removed = 0
+for _, name in ipairs(ARGV) do
+  local deadline = redis.call('ZSCORE', KEYS[1], name)
+  if deadline and tonumber(deadline) <= now then
+    redis.call('ZREM', KEYS[1], name)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+_FLEET_KEYS = [DEADLINES, AGENT_RENEWALS_KEY, LAST_RENEWAL_KEY, RESUMED_KEY]
 
 
 class LeaseStore:
@@ -65,6 +94,8 @@ class LeaseStore:
         self._renew_by_key = client.register_script(_RENEW_BY_KEY)
         self._renew = client.register_script(
             "redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))" + _TOUCH_FLEET)
+        self._due = client.register_script(_DUE)
+        self._settle = client.register_script(_SETTLE)
 
     @staticmethod
     def key(agent: str) -> str:
@@ -108,8 +139,41 @@ class LeaseStore:
         self.redis.delete(IDENTITY_PREFIX + key_hash)
 
     def release(self, agent: str) -> None:
-        """Drop a lease at once (graceful stop, deleted agent)."""
-        self.redis.delete(self.key(agent))
+        """Drop a lease at once (graceful stop, deleted agent); the controller sees it next tick."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.key(agent))
+        pipe.zadd(DEADLINES, {agent: 0})
+        pipe.execute()
+
+    def due(self, limit: int = 10000) -> list[str]:
+        """Agents whose lease deadline has passed: the candidates for lease expiry."""
+        return [n.decode() if isinstance(n, bytes) else n for n in self._due(keys=[DEADLINES], args=[limit])]
+
+    def settle(self, agents: list[str]) -> int:
+        """Take handled agents out of the deadline index (kept if renewed since)."""
+        return int(self._settle(keys=[DEADLINES], args=list(agents))) if agents else 0
+
+    def present(self, agents: list[str]) -> set[str]:
+        """The agents that hold a lease (one MGET per 5,000, bodies not decoded)."""
+        alive: set[str] = set()
+        for start in range(0, len(agents), 5000):
+            chunk = agents[start:start + 5000]
+            alive.update(name for name, raw in zip(chunk, self.redis.mget([self.key(n) for n in chunk]),
+                                                   strict=True) if raw is not None)
+        return alive
+
+    def last_renewals(self, agents: list[str]) -> dict[str, tuple[float, float]]:
+        """(last renewal, lease TTL) of agents whose lease is gone, from the renewal hash and
+        the deadline index (deadline minus renewal); absent after a flush."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(AGENT_RENEWALS_KEY, agents)
+        pipe.zmscore(DEADLINES, agents)
+        renewed, deadlines = pipe.execute()
+        found = {}
+        for name, at, deadline in zip(agents, renewed, deadlines, strict=True):
+            if at is not None:
+                found[name] = (float(at), float(deadline) - float(at) if deadline else 0.0)
+        return found
 
     def forget_renewals(self, agent: str) -> None:
         """Drop a deleted agent's last renewal time."""

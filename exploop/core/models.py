@@ -102,7 +102,16 @@ def _job_id() -> str:
 class Job(Model):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
-                      Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"))
+                      Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"),
+                      # The controller's and the lists' indexed queries (migration 0004):
+                      # queued jobs per queue in FIFO order (repair counts, queue positions),
+                      # running jobs by deadline (time-outs), tenants with pending jobs (admission).
+                      Index("ix_jobs_status_queue", "status", "capability", "region", "queued_at"),
+                      Index("ix_jobs_status_deadline", "status", "run_deadline"),
+                      Index("ix_jobs_status_tenant", "status", "tenant_id", "created_at"),
+                      # Job lists, newest first: a tenant's, and everyone's by status.
+                      Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+                      Index("ix_jobs_status_created", "status", "created_at", "id"))
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_job_id)
     tenant_id: Mapped[int] = mapped_column(Integer, ForeignKey("tenants.id"))
     capability: Mapped[str] = mapped_column(String(16))
@@ -131,6 +140,8 @@ class Job(Model):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # started_at + time_limit while running: the controller times out jobs by this index.
+    run_deadline: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     tenant: Mapped[Tenant] = relationship()

@@ -6,6 +6,7 @@ installs them and makes a missing one a failure.
 """
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -206,3 +207,15 @@ def test_every_ci_scenario_lints_clean():
             report = lint(chart, yaml.safe_load(values_file.read_text()))
             problems = [m for m in report["messages"] if m["severity"] >= 2]
             assert (report["errors"], problems) == ([], []), values_file.name
+
+
+def test_server_chart_takes_a_sentinel_url_and_region_brokers():
+    values = {**SERVER_VALUES, "redis": {"url": "sentinel://s0:26379;sentinel://s1:26379", "sentinelMasterName": "main"},
+              "config": {"regions": "us-east-1,eu-west-1", "regionBrokers": "eu-west-1=redis://redis-eu:6379/0"}}
+    manifests = render(SERVER_CHART, values, release="exploop")
+    for name in ("exploop-api", "exploop-controller"):
+        env = env_of(manifests[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0])
+        assert env["EXPLOOP_SENTINEL_MASTER_NAME"] == "main"
+        assert env["EXPLOOP_REGION_BROKERS"] == "eu-west-1=redis://redis-eu:6379/0"
+    secret = manifests[("Secret", "exploop")]["data"]["EXPLOOP_REDIS_URL"]
+    assert base64.b64decode(secret).decode() == "sentinel://s0:26379;sentinel://s1:26379"

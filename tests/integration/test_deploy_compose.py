@@ -149,3 +149,19 @@ def test_every_variable_is_documented_in_the_env_example():
     documented = set(re.findall(r"(?m)^([A-Z0-9_]+)=", ENV_EXAMPLE.read_text()))
     assert used - documented == set()
     assert documented - used == set()
+
+
+def test_sentinel_profile_adds_a_replica_and_three_sentinels():
+    sentinel_url = "sentinel://sentinel-1:26379;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
+    result = compose("--profile", "sentinel", "config", "--format", "json",
+                     env={"EXPLOOP_REDIS_URL": sentinel_url})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    assert services["redis-replica"]["command"][-4:-2] == ["redis", "6379"]
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][0]
+        assert "sentinel monitor exploop redis 6379 2" in script and "--sentinel" in script
+    for name in ("api", "controller"):
+        env = services[name]["environment"]
+        assert env["EXPLOOP_SENTINEL_MASTER_NAME"] == "exploop"

@@ -38,7 +38,7 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- fail "database.url is required (postgresql://user:password@host:5432/exploop), or existingSecret" -}}
 {{- end -}}
 {{- if and (not .Values.existingSecret) (not .Values.redis.url) -}}
-{{- fail "redis.url is required (redis://host:6379/0), or existingSecret" -}}
+{{- fail "redis.url is required (redis://host:6379/0 or sentinel://host:26379;sentinel://...), or existingSecret" -}}
 {{- end -}}
 {{- end -}}
 
@@ -58,6 +58,12 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
   value: {{ .Values.config.regions | quote }}
 {{- with .Values.config.agentBrokerUrl }}
 - name: EXPLOOP_AGENT_BROKER_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: EXPLOOP_SENTINEL_MASTER_NAME
+  value: {{ .Values.redis.sentinelMasterName | default "exploop" | quote }}
+{{- with .Values.config.regionBrokers }}
+- name: EXPLOOP_REGION_BROKERS
   value: {{ . | quote }}
 {{- end }}
 - name: EXPLOOP_JOB_TIME_LIMIT
