@@ -132,7 +132,7 @@ def _requires(view, kind: str, role: str = "viewer"):
         authenticate(kind, role)
         return view(*args, **kwargs)
     # functools.wraps copies this onto every decorator above, up to the registered view.
-    wrapper.exploop_auth = functools.partial(authenticate, kind, role)
+    wrapper.exploop_auth = functools.partial(authenticate, kind, role)  # type: ignore[attr-defined]
     return wrapper
 
 
