@@ -60,6 +60,7 @@ def app(app_config):
         db.session.remove()
         db.engine.dispose()
     app.extensions["redis"].close()
+    app.extensions["redis_reads"].close()
 
 
 @pytest.fixture

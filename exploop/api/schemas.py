@@ -151,7 +151,9 @@ class JobCreate(Strict):
     ref = fields.String(load_default="HEAD", validate=[validate.Length(min=1, max=255), _REF])
     capability = fields.String(required=True, validate=validate.OneOf(
         CAPABILITIES, error=CAPABILITY_ERROR))
-    region = fields.String(validate=_REGION)
+    region = fields.String(validate=_REGION, metadata={
+        "description": "a region the server knows (configured, or of a registered agent), else 400"
+                       " `unknown region`; absent: the region whose live agents have the most free slots"})
 
 
 class IdempotencyArgs(Schema):

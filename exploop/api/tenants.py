@@ -16,7 +16,18 @@ from ..core.sarif import build_sarif
 from ..vocabulary import JobStatus
 from . import Blueprint
 from .auth import tenant_required
-from .schemas import Extended, FindingPage, IdempotencyArgs, JobCreate, JobCreated, JobListArgs, JobOut, JobPage, PageArgs
+from .schemas import (
+    ErrorOut,
+    Extended,
+    FindingPage,
+    IdempotencyArgs,
+    JobCreate,
+    JobCreated,
+    JobListArgs,
+    JobOut,
+    JobPage,
+    PageArgs,
+)
 
 bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
                description="Tenant API (tenant key: rtenant_...)")
@@ -48,6 +59,8 @@ def tenant_job(job_id: str) -> Job:
 @bp.arguments(IdempotencyArgs(), location="headers")
 @bp.response(201, JobCreated)
 @bp.alt_response(200, schema=JobCreated, description="Replay of an earlier request with the same Idempotency-Key")
+@bp.alt_response(400, schema=ErrorOut, description="Invalid request: a field fails its schema, or names an"
+                 " unknown region (neither configured nor of a registered agent) or an unsupported repository URL")
 @bp.errors(409, 429)
 @tenant_required
 def create_job(data, headers):

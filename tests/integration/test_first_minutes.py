@@ -132,3 +132,30 @@ def test_unauthenticated_requests_get_401_before_body_validation(client, admin_t
     if path.startswith("/admin/"):  # with a valid credential, the same request is a 400
         reply = getattr(client, method)(path, headers={"Authorization": f"Bearer {admin_token}"}, **kwargs)
         assert reply.status_code == 400
+
+
+def test_openapi_documents_the_unknown_region_400_of_a_submit(client):
+    spec = client.get("/openapi.json").json
+    bad = spec["paths"]["/api/v1/jobs"]["post"]["responses"]["400"]
+    assert "unknown region" in bad["description"] and bad["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorOut")
+    assert "unknown region" in spec["components"]["schemas"]["JobCreate"]["properties"]["region"]["description"]
+
+
+def test_region_auto_is_the_tokens_region_else_the_servers_only_one(client, admin_token):
+    """REGION unset (auto): the agent registers without a region and the API picks it."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+
+    def register(**token_fields) -> tuple[int, dict]:
+        token = client.post("/admin/v1/tokens", headers=admin, json={"max_uses": 1, **token_fields}).json["token"]
+        reply = client.post("/platform/register", json={"token": token, "capabilities": ["sast"]})
+        return reply.status_code, reply.json
+
+    # The tests' server configures one region (us-east-1) and has no agent yet.
+    status, body = register()
+    assert status == 201 and body["region"] == "us-east-1"
+    status, body = register(region="eu-west-1")  # a token bound to a region
+    assert status == 201 and body["region"] == "eu-west-1"
+    status, body = register()  # now two regions: no guess
+    assert status == 400 and body["error"] == "region required: this server has several regions"
+    assert body["detail"] == {"region": ["set REGION to one of eu-west-1, us-east-1"]}

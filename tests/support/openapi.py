@@ -42,6 +42,7 @@ def openapi_document() -> dict:
     reply = app.test_client().get("/openapi.json")
     assert reply.status_code == 200
     app.extensions["redis"].close()
+    app.extensions["redis_reads"].close()
     return reply.json
 
 
