@@ -15,7 +15,10 @@ from ..core.models import Agent
 from ..routing import queues_for
 from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, AgentStatus
 
-__all__ = ["FleetCollector", "render_api_metrics"]
+__all__ = ["FleetCollector", "render_api_metrics", "STOPPED"]
+
+#: ``exploop_agents`` status of an agent that is offline because it stopped gracefully.
+STOPPED = "stopped"
 
 
 class FleetCollector:
@@ -43,9 +46,13 @@ class FleetCollector:
             queues = set(self.app.extensions["celery"].amqp.queues.keys())
             consumers: dict[str, int] = {}
             for view in views:
+                # A graceful stop shows `offline` to operators; the gauge tells it apart so that
+                # PlatformAgentsOfflineByLease (status="offline") pages only for lost agents.
+                metric_status = STOPPED if view["status"] == AgentStatus.OFFLINE and view.get("stopped_at") \
+                    else view["status"]
                 for queue in queues_for(view["capabilities"], view["region"]):
                     consumers[queue] = consumers.get(queue, 0) + (view["status"] == AgentStatus.ONLINE)
-                by_key[(view["status"], view["region"])] = by_key.get((view["status"], view["region"]), 0) + 1
+                by_key[(metric_status, view["region"])] = by_key.get((metric_status, view["region"]), 0) + 1
                 used, total = slots.setdefault(view["region"], [0, 0])
                 if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
                     slots[view["region"]][0] += view["jobs_running"]
@@ -54,7 +61,7 @@ class FleetCollector:
                 queues.update(queues_for(view["capabilities"], view["region"]))
             # Every status for every region, zeros included: alert rules match on them.
             for region in sorted({region for _, region in by_key}):
-                for status in AGENT_STATUSES:
+                for status in (*AGENT_STATUSES, STOPPED):
                     agents.add_metric([status, region], by_key.get((status, region), 0))
             for region, (used, total) in sorted(slots.items()):
                 running.add_metric([region], used)
