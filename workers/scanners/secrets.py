@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 
-from .common import ScanError, fingerprint, run_main
+from .common import ScanError, fingerprint, number_duplicates, run_main
 
 __all__ = ["scan", "ENGINE", "mask"]
 
@@ -245,6 +245,7 @@ def scan(root: str, history: bool = True) -> dict:
         engines.append(info)
     else:
         summary["engines_unavailable"] = [{"name": "gitleaks", "reason": "no gitleaks binary on PATH"}]
+    number_duplicates(findings)  # one value twice in one file: two findings, two fingerprints
     findings.sort(key=lambda f: (f["path"], f["start_line"] or 0, f["rule_id"], f.get("commit") or ""))
     return {"engines": engines, "findings": findings, "summary": summary}
 
