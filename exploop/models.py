@@ -116,6 +116,8 @@ class Job(db.Model):
     cancelled_by = db.Column(db.String(100))
     error = db.Column(db.Text)
     summary_json = db.Column(db.Text)
+    # What a completed job could not check (JSON list of {path, ecosystem, reason}); NULL: all of it.
+    incomplete_json = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
     queued_at = db.Column(db.DateTime)
     started_at = db.Column(db.DateTime)
@@ -126,6 +128,10 @@ class Job(db.Model):
     @property
     def summary(self) -> dict | None:
         return json.loads(self.summary_json) if self.summary_json else None
+
+    @property
+    def incomplete(self) -> list[dict] | None:
+        return json.loads(self.incomplete_json) if self.incomplete_json else None
 
 
 class Finding(db.Model):

@@ -137,11 +137,22 @@ def write_osv_db(root: Path, *, pypi: bool = True, npm: bool = True, go: bool | 
     return root
 
 
+def sarif_format_checker():
+    """Every format the SARIF schema uses, really checked: jsonschema's draft-4 checker knows
+    no ``uri-reference`` (a draft-6 name the SARIF schema uses) and checks ``uri`` only with
+    an RFC 3986 library installed, so take the checker of all drafts and insist on both."""
+    import jsonschema
+    checker = jsonschema.FormatChecker()
+    missing = {"uri", "uri-reference", "date-time"} - set(checker.checkers)
+    assert not missing, f"format checks unavailable: {missing} (pip install rfc3986-validator)"
+    return checker
+
+
 def validate_sarif(document: dict) -> None:
     """Validate against the vendored OASIS SARIF 2.1.0 schema (raises on the first error)."""
     import jsonschema
     schema = json.loads((DATA / "sarif-schema-2.1.0.json").read_text())
-    validator = jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+    validator = jsonschema.Draft4Validator(schema, format_checker=sarif_format_checker())
     errors = sorted(validator.iter_errors(document), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
 

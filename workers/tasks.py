@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from celery import Celery
 from celery.exceptions import Reject
@@ -113,7 +117,7 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             _simulate(client, spec, runtime.simulated_scan_seconds)
             findings, summary = [], {"engines": [], "simulated": True}
         else:
-            findings, summary = _scan(client, spec, started + spec["time_limit"])
+            findings, summary, incomplete = _scan(client, spec, started + spec["time_limit"])
     except JobCancelled:
         logger.info("job cancelled, stopped %s", fields)
         return "cancelled"
@@ -122,17 +126,36 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             logger.warning("job timeout, will retry %s: %s", fields, exc)
         else:
             logger.error("job failed %s: %s", fields, exc)
-        _report(lambda: client.fail(job_id, attempt, token, str(exc), retry=exc.retry), fields)
+        message = tenant_safe(str(exc))
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=exc.retry), fields)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
-        _report(lambda: client.fail(job_id, attempt, token, f"agent error: {exc.__class__.__name__}: {exc}",
-                                    retry=True), fields)
+        message = tenant_safe(f"agent error: {exc.__class__.__name__}: {exc}")
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
-    _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields)
-    logger.info("job completed %s findings=%d", fields, len(findings))
+    _report(lambda: client.complete(job_id, attempt, token, findings, summary, incomplete), fields)
+    logger.info("job completed %s findings=%d%s", fields, len(findings),
+                f" incomplete={len(incomplete)}" if incomplete else "")
     return "completed"
+
+
+def tenant_safe(message: str, settings: ScannerSettings | None = None) -> str:
+    """An error as the tenant may see it: the agent's own file system paths (workspace,
+    OSV database, home, installation) replaced, a path inside the checkout made relative."""
+    settings = settings or (_settings[-1] if _settings else ScannerSettings.from_env())
+    # <tmp>/exploop-<job>-xxxx/repo/app.py -> app.py; the workspace itself -> <workspace>
+    message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+/repo/", "", message)
+    message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+", "<workspace>", message)
+    places = [(settings.osv_db_dir, "<OSV_DB_DIR>"), (Path(__file__).resolve().parent.parent, "<agent>"),
+              (Path(sys.prefix), "<agent>"), (Path(tempfile.gettempdir()), "<tmp>"),
+              (Path.home(), "<agent home>")]
+    for place, label in sorted(((str(p), label) for p, label in places if p and str(p) not in ("/", ".")),
+                               key=lambda item: -len(item[0])):
+        # Only a path that starts there: "src/tmp/x" in a tenant's file name stays as it is.
+        message = re.sub(r"(?<![\w./-])" + re.escape(place) + r"(?![\w.-])", label, message)
+    return message
 
 
 def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
@@ -147,7 +170,7 @@ def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
     return []
 
 
-def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict]:
+def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, dict, list | None]:
     settings = _settings[-1] if _settings else ScannerSettings.from_env()
     capability = spec["capability"]
     module = SCANNERS.get(capability)
@@ -180,7 +203,7 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
         raise JobError(f"scanner {capability} findings are {size / 1048576:.1f} MiB; a job report holds "
                        f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
     summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
-    return findings, summary
+    return findings, summary, result.get("incomplete") or None
 
 
 def _simulate(client: PlatformClient, spec: dict, seconds: float) -> None:
