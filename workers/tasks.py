@@ -22,6 +22,7 @@ from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import ScannerSettings
 from exploop.routing import RUN_SCAN
 
+from .mirror import MirrorCache
 from .workspace import JobError, Workspace
 
 logger = logging.getLogger("exploop.agent")
@@ -44,6 +45,7 @@ MAX_REPORT_BYTES = 15 * 1024 * 1024  # under the API's 16 MiB MAX_CONTENT_LENGTH
 
 _clients: dict[int, PlatformClient] = {}
 _settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
+_mirrors: dict[str, MirrorCache] = {}  # the cache of repository mirrors, by directory
 
 
 def _client(runtime) -> PlatformClient:
@@ -184,7 +186,8 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
         _progress(client, spec, min(89, 30 + int(time.monotonic() - started)), "scanning")
 
     with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
-                   size_limit=settings.repo_size_limit, check=still_wanted) as workspace:
+                   size_limit=settings.repo_size_limit, check=still_wanted,
+                   mirrors=_mirror_cache(settings)) as workspace:
         commit = workspace.checkout(spec["repo_url"], spec["ref"],
                                     history=capability in NEEDS_HISTORY)
         _progress(client, spec, 30, f"checked out {commit[:12]}")
@@ -204,6 +207,16 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
                        f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
     summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
     return findings, summary, result.get("incomplete") or None
+
+
+def _mirror_cache(settings: ScannerSettings) -> MirrorCache | None:
+    """The agent's mirror cache (one object per process; processes share it through locks)."""
+    if settings.mirror_dir is None:
+        return None
+    key = str(settings.mirror_dir)
+    if key not in _mirrors:
+        _mirrors[key] = MirrorCache(settings.mirror_dir, settings.mirror_cache_size)
+    return _mirrors[key]
 
 
 def _simulate(client: PlatformClient, spec: dict, seconds: float) -> None:

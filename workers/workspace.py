@@ -19,6 +19,8 @@ from pathlib import Path
 
 from exploop.config import format_size
 
+from .mirror import MirrorCache, MirrorLease
+
 __all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "redact_url", "minimal_env"]
 
 # What a process that hit RLIMIT_AS says on its way out (Python, glibc, OCaml/semgrep).
@@ -125,8 +127,10 @@ class Workspace:
 
     def __init__(self, job_id: str, deadline: float, base_dir: str | None = None, *,
                  memory_limit: int | None = None, size_limit: int | None = None,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, mirrors: MirrorCache | None = None):
         self.job_id = job_id
+        self.mirrors = mirrors  # None: fetch straight from the remote every time
+        self.lease: MirrorLease | None = None
         self.check = check
         self.deadline = deadline
         self.memory_limit = memory_limit
@@ -144,6 +148,8 @@ class Workspace:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.lease is not None:  # only now: the checkout read the mirror's objects until here
+            self.lease.release()
 
     def git(self, *args: str, what: str) -> str:
         return run_process(["git", "-c", "protocol.file.allow=always", *args], cwd=str(self.repo),
@@ -167,10 +173,14 @@ class Workspace:
         # Check symlinks out as plain files holding their target: a tenant's link to
         # /etc/passwd or to the agent's key file must never be followed by a scanner.
         self.git("config", "core.symlinks", "false", what="git config")
-        self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
-        depth = [] if history else ["--depth", "1"]
+        target = "FETCH_HEAD"
         try:
-            self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
+            if self.mirrors is not None:
+                target = self._fetch_through_mirror(repo_url, ref, history)
+            else:
+                self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
+                depth = [] if history else ["--depth", "1"]
+                self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
         except JobTimeout:
             raise
         except JobError as exc:
@@ -179,17 +189,36 @@ class Workspace:
                 raise JobError(f"ref {ref!r} not found in {shown}") from None
             raise JobError(f"repository {shown} could not be cloned: {text.split(': ', 1)[-1]}") from None
         if self.size_limit:
-            self._check_size(shown)
-        self.git("checkout", "-q", "--detach", "FETCH_HEAD", what="git checkout")
+            self._check_size(shown, target)
+        self.git("checkout", "-q", "--detach", target, what="git checkout")
+        if target != "FETCH_HEAD":
+            return target
         return self.git("rev-parse", "HEAD", what="git rev-parse").strip()
 
-    def _check_size(self, shown: str) -> None:
+    def _fetch_through_mirror(self, repo_url: str, ref: str, history: bool) -> str:
+        """Fetch into the repository's cached mirror, then borrow its objects; the commit id."""
+        def run(git_dir: Path, *args: str, what: str) -> str:
+            return run_process(["git", "-c", "protocol.file.allow=always", "--git-dir", str(git_dir), *args],
+                               cwd=str(self.root), env=self.env, deadline=self.deadline, what=what,
+                               check=self.check)
+
+        try:
+            self.lease = self.mirrors.lease(repo_url, self.deadline)
+            commit = self.lease.fetch(run, repo_url, ref, history, self.deadline)
+        except BlockingIOError:
+            raise JobTimeout("job timeout waiting for another job's fetch of the same repository") from None
+        self.lease.attach(self.repo)
+        return commit
+
+    def _check_size(self, shown: str, target: str = "FETCH_HEAD") -> None:
         """Refuse a repository whose history or tree is over the limit, before checkout."""
+        git_dir = ["--git-dir", str(self.lease.path)] if self.lease is not None else []
         stats = dict(line.split(": ", 1) for line in
-                     self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
+                     self.git(*git_dir, "count-objects", "-v", what="git count-objects").splitlines()
+                     if ": " in line)
         packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
         tree = 0
-        for line in self.git("ls-tree", "-r", "-l", "--full-tree", "FETCH_HEAD",
+        for line in self.git("ls-tree", "-r", "-l", "--full-tree", target,
                              what="git ls-tree").splitlines():
             fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
             if len(fields) == 4 and fields[3].isdigit():
