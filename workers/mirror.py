@@ -77,7 +77,7 @@ def _size(path: Path) -> int:
 class MirrorLease:
     """One job's use of one mirror: fetch into it, attach a workspace, release at the end."""
 
-    def __init__(self, cache: "MirrorCache", key: str, use_fd: int):
+    def __init__(self, cache: MirrorCache, key: str, use_fd: int):
         self.cache, self.key, self._use_fd = cache, key, use_fd
         self.path = cache.root / f"{key}.git"
 

@@ -128,8 +128,8 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             logger.warning("job timeout, will retry %s: %s", fields, exc)
         else:
             logger.error("job failed %s: %s", fields, exc)
-        message = tenant_safe(str(exc))
-        _report(lambda: client.fail(job_id, attempt, token, message, retry=exc.retry), fields)
+        message, retry = tenant_safe(str(exc)), exc.retry
+        _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
@@ -190,6 +190,7 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
                    mirrors=_mirror_cache(settings)) as workspace:
         commit = workspace.checkout(spec["repo_url"], spec["ref"],
                                     history=capability in NEEDS_HISTORY)
+        checkout_seconds = round(time.monotonic() - started, 3)
         _progress(client, spec, 30, f"checked out {commit[:12]}")
         result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished")
@@ -205,7 +206,8 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
     if size > MAX_REPORT_BYTES:
         raise JobError(f"scanner {capability} findings are {size / 1048576:.1f} MiB; a job report holds "
                        f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
-    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
+    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"],
+                   checkout_seconds=checkout_seconds)
     return findings, summary, result.get("incomplete") or None
 
 

@@ -69,7 +69,7 @@ def test_pyproject_uv_and_pdm(tmp_path, osv_dir):
                      ("pdm/pdm.lock", 11, "pyyaml", "5.3")}
     assert ("PYSEC-2019-217", "uv/uv.lock", 14) in locations(result["findings"])
     assert ("PYSEC-2021-137", "pyproject.toml", 16) in locations(result["findings"])
-    assert {(l["path"], l["packages"]) for l in result["summary"]["lockfiles"]} == {
+    assert {(lock["path"], lock["packages"]) for lock in result["summary"]["lockfiles"]} == {
         ("pyproject.toml", 4), ("uv/uv.lock", 3), ("pdm/pdm.lock", 2)}  # editable, git, path skipped
     assert result["summary"]["unpinned"] == [{"path": "pyproject.toml", "line": 11,
                                              "requirement": "requests>=2.31", "reason": "no exact == pin"}]
@@ -88,7 +88,7 @@ def test_yarn_v1_berry_and_pnpm(tmp_path, osv_dir):
         ("GHSA-test-minimist-0002", "p6/pnpm-lock.yaml", 22),
         ("GHSA-test-scoped-0003", "p9/pnpm-lock.yaml", 17), ("GHSA-test-minimist-0002", "p9/pnpm-lock.yaml", 20)}
     # file:, workspace: and patch: entries, and a git tarball, are not registry releases
-    assert {(l["path"], l["packages"]) for l in result["summary"]["lockfiles"]} == {
+    assert {(lock["path"], lock["packages"]) for lock in result["summary"]["lockfiles"]} == {
         ("y1/yarn.lock", 6), ("y2/yarn.lock", 3), ("p6/pnpm-lock.yaml", 4), ("p9/pnpm-lock.yaml", 2)}
 
 
@@ -135,7 +135,7 @@ def test_missing_ecosystem_completes_what_it_can_and_says_so(tmp_path):
     assert all("has no npm advisories" in u["reason"] for u in result["incomplete"])
     assert str(db) not in str(result["incomplete"])  # no agent path in what the tenant sees
     assert result["summary"]["packages_checked"] == 1
-    assert {l["path"]: l["checked"] for l in result["summary"]["lockfiles"]} == {
+    assert {lock["path"]: lock["checked"] for lock in result["summary"]["lockfiles"]} == {
         "requirements.txt": True, "web/package-lock.json": False, "yarn.lock": False}
 
 

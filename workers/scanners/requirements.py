@@ -139,7 +139,8 @@ def read_requirements(tops: list[str], load: Callable[[str], RequirementsFile | 
                 files_read.append(path)
         return cache[path]
 
-    for top in tops:
+    def walk(top: str) -> tuple[list[RequirementsFile], dict[str, tuple[str, str, int]]]:
+        """The files ``top`` requires (itself first) and the pins its constraints set."""
         closure: list[RequirementsFile] = []
         constraints: dict[str, tuple[str, str, int]] = {}  # name -> (version, path, line)
         seen: set[tuple[str, str]] = set()
@@ -173,10 +174,14 @@ def read_requirements(tops: list[str], load: Callable[[str], RequirementsFile | 
                 # Inside a constraints file, every include only constrains.
                 visit(resolved, "c" if mode == "c" or kind == "c" else "r", depth + 1)
 
+        visit(top, "r", 0)
+        return closure, constraints
+
+    for top in tops:
         if isinstance(get(top), str):
             unchecked.setdefault((top, 0), {"path": top, "ecosystem": "PyPI", "reason": get(top)})
             continue
-        visit(top, "r", 0)
+        closure, constraints = walk(top)
         for parsed in closure:
             unpinned.update({(i["path"], i["line"]): i for i in parsed.invalid})
             for req in parsed.requirements:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tomllib
+
 from . import manifests
 from .common import ScanError, make_finding, number_duplicates, run_main, tracked_files
 from .osv import Advisory, OsvDatabase, OsvError, is_affected, normalize_name
