@@ -223,27 +223,29 @@ def run_direct(repo: str, capability: str, settings: ScannerSettings, work: Path
 
 def time_checkouts(repo: str, work: Path, runs: int) -> None:
     """Checkout alone: fresh (empty cache), rescan (warm cache, unchanged), no cache."""
-    print(f"\n{'checkout (large)':<18} {'fresh':>8} {'rescan':>8} {'no cache':>9} {'rescan/fresh':>13}")
+    print(f"\n{'checkout (large)':<18} {'fresh':>8} {'rescan':>8} {'no cache':>9} {'rescan/fresh':>13} "
+          f"{'rescan/no cache':>16}")
     for history in (False, True):
         times: dict[str, list[float]] = {"fresh": [], "rescan": [], "none": []}
         for n in range(runs):
             cache_dir = work / f"cache-{history}-{n}"
             for kind, cache in (("fresh", MirrorCache(cache_dir, 1 << 40)),
                                 ("rescan", MirrorCache(cache_dir, 1 << 40)), ("none", None)):
-                started = time.perf_counter()
                 with Workspace("bench", time.monotonic() + 600, str(work), mirrors=cache) as ws:
+                    started = time.perf_counter()
                     ws.checkout(repo, "main", history=history)
-                times[kind].append(time.perf_counter() - started)
+                    times[kind].append(time.perf_counter() - started)
             shutil.rmtree(cache_dir, ignore_errors=True)
         f, r, n_ = (statistics.median(times[k]) for k in ("fresh", "rescan", "none"))
         label = "full history" if history else "shallow"
-        print(f"{label:<18} {f:8.3f} {r:8.3f} {n_:9.3f} {r / f:13.2f}")
+        print(f"{label:<18} {f:8.3f} {r:8.3f} {n_:9.3f} {r / f:13.2f} {r / n_:16.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=25_000)
     parser.add_argument("--small-lines", type=int, default=1_500)
+    parser.add_argument("--checkout-only", action="store_true", help="only time the checkouts")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--osv-dir", default=str(ROOT.parent / "shared" / "osv"),
                         help="directory with PyPI/all.zip (copied into a private OSV_DB_DIR)")
@@ -271,6 +273,9 @@ def main() -> int:
             folder = work / ("repo" if name == "large" else name)
             print(f"{name} repository: {lines} lines of Python in {sum(1 for _ in folder.rglob('*.py'))} files")
         print(f"{args.runs} runs each; medians in seconds")
+        if args.checkout_only:
+            time_checkouts(repos[0][1], work, args.runs)
+            return 0
         platform = Platform(work, agent_env)
         print(f"{'repo':<6} {'capability':<10} {'direct':>8} {'agent':>8} {'checkout':>9} {'job':>8} "
               f"{'agent/direct':>13} {'job/direct':>11} {'best-of job/direct':>19}  engines")

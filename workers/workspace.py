@@ -169,15 +169,15 @@ class Workspace:
         if repo_url.startswith("-"):
             raise JobError(f"invalid repository URL {shown!r}")
         self.repo.mkdir()
-        self.git("init", "-q", what="git init")
-        # Check symlinks out as plain files holding their target: a tenant's link to
-        # /etc/passwd or to the agent's key file must never be followed by a scanner.
-        self.git("config", "core.symlinks", "false", what="git config")
         target = "FETCH_HEAD"
         try:
-            if self.mirrors is not None:
+            if self.mirrors is not None:  # the workspace's .git is written by the mirror (symlinks off)
                 target = self._fetch_through_mirror(repo_url, ref, history)
             else:
+                self.git("init", "-q", what="git init")
+                # Check symlinks out as plain files holding their target: a tenant's link to
+                # /etc/passwd or to the agent's key file must never be followed by a scanner.
+                self.git("config", "core.symlinks", "false", what="git config")
                 self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
                 depth = [] if history else ["--depth", "1"]
                 self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
@@ -190,39 +190,42 @@ class Workspace:
             raise JobError(f"repository {shown} could not be cloned: {text.split(': ', 1)[-1]}") from None
         if self.size_limit:
             self._check_size(shown, target)
+        if self.lease is not None:
+            if not self.lease.attach(self.repo, target):  # not a tree the cache already holds
+                self.git("checkout", "-q", "--detach", target, what="git checkout")
+                self.lease.remember_tree(self.repo, target)
+            return self.lease.head(self.repo)
         self.git("checkout", "-q", "--detach", target, what="git checkout")
-        if target != "FETCH_HEAD":
-            return target
         return self.git("rev-parse", "HEAD", what="git rev-parse").strip()
 
-    def _fetch_through_mirror(self, repo_url: str, ref: str, history: bool) -> str:
-        """Fetch into the repository's cached mirror, then borrow its objects; the commit id."""
-        def run(git_dir: Path, *args: str, what: str) -> str:
-            return run_process(["git", "-c", "protocol.file.allow=always", "--git-dir", str(git_dir), *args],
-                               cwd=str(self.root), env=self.env, deadline=self.deadline, what=what,
-                               check=self.check)
+    def _mirror_git(self, git_dir: Path, *args: str, what: str) -> str:
+        return run_process(["git", "-c", "protocol.file.allow=always", "--git-dir", str(git_dir), *args],
+                           cwd=str(self.root), env=self.env, deadline=self.deadline, what=what, check=self.check)
 
+    def _fetch_through_mirror(self, repo_url: str, ref: str, history: bool) -> str:
+        """Fetch into the repository's cached mirror, then borrow its objects; the fetched object."""
         try:
             self.lease = self.mirrors.lease(repo_url, self.deadline)
-            commit = self.lease.fetch(run, repo_url, ref, history, self.deadline)
+            fetched = self.lease.fetch(self._mirror_git, repo_url, ref, history, self.deadline)
         except BlockingIOError:
             raise JobTimeout("job timeout waiting for another job's fetch of the same repository") from None
-        self.lease.attach(self.repo)
-        return commit
+        return fetched
 
     def _check_size(self, shown: str, target: str = "FETCH_HEAD") -> None:
         """Refuse a repository whose history or tree is over the limit, before checkout."""
-        git_dir = ["--git-dir", str(self.lease.path)] if self.lease is not None else []
-        stats = dict(line.split(": ", 1) for line in
-                     self.git(*git_dir, "count-objects", "-v", what="git count-objects").splitlines()
-                     if ": " in line)
-        packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
-        tree = 0
-        for line in self.git("ls-tree", "-r", "-l", "--full-tree", target,
-                             what="git ls-tree").splitlines():
-            fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
-            if len(fields) == 4 and fields[3].isdigit():
-                tree += int(fields[3])
+        if self.lease is not None:
+            packed = self.lease.object_bytes()
+            tree = self.lease.tree_bytes(self._mirror_git, target)
+        else:
+            stats = dict(line.split(": ", 1) for line in
+                         self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
+            packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
+            tree = 0
+            for line in self.git("ls-tree", "-r", "-l", "--full-tree", target,
+                                 what="git ls-tree").splitlines():
+                fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
+                if len(fields) == 4 and fields[3].isdigit():
+                    tree += int(fields[3])
         for what, size in (("fetched objects", packed), ("checked-out tree", tree)):
             if size > self.size_limit:
                 raise JobError(f"repository {shown} is too large: {what} {format_size(size)} exceed "

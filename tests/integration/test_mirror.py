@@ -118,3 +118,44 @@ def test_concurrent_jobs_of_one_repository(tmp_path, repo):
         assert errors == [] and results == [head] * 4
         results.clear()
         commit(repo, {"README.md": f"rev {time.monotonic()}\n"})
+
+
+def test_symlinks_stay_plain_files_and_the_size_limit_applies(tmp_path):
+    src = tmp_path / "src"
+    commit(src, {"big.bin": "x" * (1024 * 1024)})
+    (src / "agent-key").symlink_to("/etc/hostname")
+    commit(src, {})
+    cache = MirrorCache(tmp_path / "mirrors", 1024 ** 3)
+    with Workspace("job", time.monotonic() + 60, str(tmp_path), mirrors=cache, size_limit=512 * 1024) as ws:
+        with pytest.raises(JobError, match="is too large: checked-out tree 1 MiB exceed REPO_SIZE_LIMIT"):
+            ws.checkout(f"file://{src}", "main")
+    for _ in range(2):  # computed, then remembered for the commit
+        with Workspace("job", time.monotonic() + 60, str(tmp_path), mirrors=cache,
+                       size_limit=4 * 1024 * 1024) as ws:
+            head = ws.checkout(f"file://{src}", "main")
+            assert head == git(src, "rev-parse", "HEAD").strip()
+            link = ws.repo / "agent-key"
+            assert not link.is_symlink() and link.read_text() == "/etc/hostname"
+
+
+def test_a_rescan_gets_the_kept_tree_as_read_only_hard_links(tmp_path, repo):
+    cache = MirrorCache(tmp_path / "mirrors", 1024 ** 3)
+
+    def links():
+        with Workspace("job", time.monotonic() + 60, str(tmp_path), mirrors=cache) as ws:
+            ws.checkout(f"file://{repo}", "main")
+            path = ws.repo / "pkg" / "mod1.py"
+            assert path.read_text() == "VALUE = 1\n" * 50
+            assert git(ws.repo, "ls-files").splitlines()[0] == "README.md"
+            return path.stat().st_ino, path.stat().st_nlink, path.stat().st_mode & 0o222
+    inode, count, writable = links()
+    assert (count, writable) == (2, 0)  # checked out, then kept (read-only: never edited in place)
+    assert links() == (inode, 2, 0)  # the rescan's file is the kept one (the same inode): no checkout
+    commit(repo, {"pkg/mod1.py": "VALUE = 1\n" * 50 + "# new\n"})
+    with Workspace("job", time.monotonic() + 60, str(tmp_path), mirrors=cache) as ws:
+        ws.checkout(f"file://{repo}", "main")
+        assert (ws.repo / "pkg" / "mod1.py").read_text().endswith("# new\n")
+    commit(repo, {"README.md": "third\n"})
+    _checkout(tmp_path, cache, repo)
+    [mirror] = (tmp_path / "mirrors").glob("*.git")
+    assert len([p for p in (mirror / "exploop-trees").iterdir() if not p.name.startswith(".")]) == 2
