@@ -117,7 +117,7 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     try:
         if runtime.simulated_scan_seconds is not None:  # benchmarks and fleet tests only
             _simulate(client, spec, runtime.simulated_scan_seconds)
-            findings, summary = [], {"engines": [], "simulated": True}
+            findings, summary, incomplete = [], {"engines": [], "simulated": True}, None
         else:
             findings, summary, incomplete = _scan(client, spec, started + spec["time_limit"])
     except JobCancelled:

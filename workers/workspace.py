@@ -204,6 +204,7 @@ class Workspace:
 
     def _fetch_through_mirror(self, repo_url: str, ref: str, history: bool) -> str:
         """Fetch into the repository's cached mirror, then borrow its objects; the fetched object."""
+        assert self.mirrors is not None
         try:
             self.lease = self.mirrors.lease(repo_url, self.deadline)
             fetched = self.lease.fetch(self._mirror_git, repo_url, ref, history, self.deadline)

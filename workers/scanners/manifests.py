@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 
 from .packages import LockfileError, Package
 
@@ -77,7 +78,7 @@ def _find_string(lines: list[str], value: str, start: int) -> tuple[int, int]:
     return 1, start
 
 
-def _toml_lock(text: str, path: str, registry: callable) -> list[Package]:
+def _toml_lock(text: str, path: str, registry: Callable[[dict], bool]) -> list[Package]:
     data = _toml(text, path)
     name_lines = package_name_lines(text)
     packages = []
