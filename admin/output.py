@@ -303,6 +303,10 @@ def describe_job(job: dict) -> str:
         ("Ran", _duration(job.get("started_at"), job.get("finished_at"))),
         ("Error", _block(job.get("error"))),
     ])
+    if job.get("incomplete"):
+        out += fields([("Incomplete", _block("\n".join(
+            f"{i.get('path')} ({i.get('ecosystem') or 'unknown'}): not checked: {i.get('reason')}"
+            for i in job["incomplete"])))])
     summary = job.get("summary") or {}
     by_severity = summary.get("by_severity")
     if by_severity is None:

@@ -116,9 +116,12 @@ class PlatformClient(ApiClient):
             body["message"] = message[:255]
         return self.post(f"/platform/jobs/{job_id}/progress", body, headers={"X-Job-Token": job_token})
 
-    def complete(self, job_id: str, attempt: int, job_token: str, findings: list, summary: dict) -> dict:
-        return self.post(f"/platform/jobs/{job_id}/complete",
-                         {"attempt": attempt, "findings": findings, "summary": summary}, timeout=60,
+    def complete(self, job_id: str, attempt: int, job_token: str, findings: list, summary: dict,
+                 incomplete: list[dict] | None = None) -> dict:
+        body = {"attempt": attempt, "findings": findings, "summary": summary}
+        if incomplete:
+            body["incomplete"] = incomplete
+        return self.post(f"/platform/jobs/{job_id}/complete", body, timeout=60,
                          headers={"X-Job-Token": job_token})
 
     def fail(self, job_id: str, attempt: int, job_token: str, error: str, retry: bool = False) -> dict:

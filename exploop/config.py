@@ -348,15 +348,25 @@ class ScannerSettings:
     repo_size_limit: int = 1024 ** 3
     # semgrep executable; None looks beside this Python and on PATH, "none" disables semgrep.
     semgrep_bin: str | None = None
+    # Cached bare mirrors of scanned repositories (None: no cache) and their total size (LRU).
+    mirror_dir: Path | None = None
+    mirror_cache_size: int = 2 * 1024 ** 3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ScannerSettings:
-        """Read OSV_DB_DIR, SCANNER_MEMORY_LIMIT, REPO_SIZE_LIMIT, SEMGREP_BIN."""
+        """Read OSV_DB_DIR, SCANNER_MEMORY_LIMIT, REPO_SIZE_LIMIT, SEMGREP_BIN, MIRROR_CACHE_DIR,
+        MIRROR_CACHE_SIZE (``0`` or a MIRROR_CACHE_DIR of ``none`` turns the cache off)."""
         env = os.environ if environ is None else environ
         osv = (env.get("OSV_DB_DIR") or "").strip()
+        raw_size = (env.get("MIRROR_CACHE_SIZE") or "2g").strip()
+        mirror_size = 0 if raw_size == "0" else parse_size(raw_size, "MIRROR_CACHE_SIZE")
+        mirror = (env.get("MIRROR_CACHE_DIR") or "").strip() or str(Path("~/.exploop/mirrors"))
+        mirror_dir = None if mirror.lower() == "none" or mirror_size == 0 else Path(mirror).expanduser()
         return cls(
             osv_db_dir=Path(osv).expanduser() if osv else None,
             memory_limit=parse_size(env.get("SCANNER_MEMORY_LIMIT") or "4g", "SCANNER_MEMORY_LIMIT"),
             repo_size_limit=parse_size(env.get("REPO_SIZE_LIMIT") or "1g", "REPO_SIZE_LIMIT"),
             semgrep_bin=(env.get("SEMGREP_BIN") or "").strip() or None,
+            mirror_dir=mirror_dir,
+            mirror_cache_size=mirror_size,
         )

@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from billiard.einfo import ExceptionWithTraceback
 from celery import Celery
@@ -20,6 +24,7 @@ from exploop.config import ScannerSettings
 from exploop.routing import RUN_SCAN
 
 from .lease_manager import KEY_REFUSED_SIGNAL
+from .mirror import MirrorCache
 from .workspace import JobError, Workspace
 
 logger = logging.getLogger("exploop.agent")
@@ -42,6 +47,7 @@ MAX_REPORT_BYTES = 15 * 1024 * 1024  # under the API's 16 MiB MAX_CONTENT_LENGTH
 
 _clients: dict[int, PlatformClient] = {}
 _settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
+_mirrors: dict[str, MirrorCache] = {}  # the cache of repository mirrors, by directory
 
 
 def _client(runtime) -> PlatformClient:
@@ -145,8 +151,9 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             _simulate(client, spec, runtime.simulated_scan_seconds, runtime)
             findings: list[dict] = []
             summary: dict = {"engines": [], "simulated": True}
+            incomplete: list | None = None
         else:
-            findings, summary = _scan(client, spec, started + spec["time_limit"], runtime)
+            findings, summary, incomplete = _scan(client, spec, started + spec["time_limit"], runtime)
     except JobCancelled as exc:
         if str(exc) == "cancelled":
             logger.info("job cancelled, stopped %s", fields)
@@ -159,19 +166,38 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
         else:
             # The runbook's line for the last attempt: the API fails the job for good.
             logger.error("job failed permanently %s: %s", fields, exc)
-        message, retry = str(exc), exc.retry  # bound now: the name `exc` ends with the except block
+        # Bound now (the name `exc` ends with the except block); no agent paths for the tenant.
+        message, retry = tenant_safe(str(exc)), exc.retry
         _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields, runtime)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
-        message = f"agent error: {exc.__class__.__name__}: {exc}"
+        message = tenant_safe(f"agent error: {exc.__class__.__name__}: {exc}")
         _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields, runtime)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
-    if not _report(lambda: client.complete(job_id, attempt, token, findings, summary), fields, runtime):
+    if not _report(lambda: client.complete(job_id, attempt, token, findings, summary, incomplete), fields, runtime):
         return "failed"
-    logger.info("job completed %s findings=%d", fields, len(findings))
+    logger.info("job completed %s findings=%d%s", fields, len(findings),
+                f" incomplete={len(incomplete)}" if incomplete else "")
     return "completed"
+
+
+def tenant_safe(message: str, settings: ScannerSettings | None = None) -> str:
+    """An error as the tenant may see it: the agent's own file system paths (workspace,
+    OSV database, home, installation) replaced, a path inside the checkout made relative."""
+    settings = settings or (_settings[-1] if _settings else ScannerSettings.from_env())
+    # <tmp>/exploop-<job>-xxxx/repo/app.py -> app.py; the workspace itself -> <workspace>
+    message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+/repo/", "", message)
+    message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+", "<workspace>", message)
+    places = [(settings.osv_db_dir, "<OSV_DB_DIR>"), (Path(__file__).resolve().parent.parent, "<agent>"),
+              (Path(sys.prefix), "<agent>"), (Path(tempfile.gettempdir()), "<tmp>"),
+              (Path.home(), "<agent home>")]
+    for place, label in sorted(((str(p), label) for p, label in places if p and str(p) not in ("/", ".")),
+                               key=lambda item: -len(item[0])):
+        # Only a path that starts there: "src/tmp/x" in a tenant's file name stays as it is.
+        message = re.sub(r"(?<![\w./-])" + re.escape(place) + r"(?![\w.-])", label, message)
+    return message
 
 
 def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
@@ -186,7 +212,7 @@ def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
     return []
 
 
-def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> tuple[list, dict]:
+def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> tuple[list, dict, list | None]:
     settings = _settings[-1] if _settings else ScannerSettings.from_env()
     capability = spec["capability"]
     module = SCANNERS.get(capability)
@@ -202,9 +228,11 @@ def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> 
     base_dir = getattr(runtime, "workspace_dir", None)
     with Workspace(spec["id"], deadline, base_dir=str(base_dir) if base_dir else None,
                    memory_limit=settings.memory_limit,
-                   size_limit=settings.repo_size_limit, check=still_wanted) as workspace:
+                   size_limit=settings.repo_size_limit, check=still_wanted,
+                   mirrors=_mirror_cache(settings)) as workspace:
         commit = workspace.checkout(spec["repo_url"], spec["ref"],
                                     history=capability in NEEDS_HISTORY)
+        checkout_seconds = round(time.monotonic() - started, 3)
         _progress(client, spec, 30, f"checked out {commit[:12]}", runtime)
         result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished", runtime)
@@ -220,8 +248,19 @@ def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> 
     if size > MAX_REPORT_BYTES:
         raise JobError(f"scanner {capability} findings are {size / 1048576:.1f} MiB; a job report holds "
                        f"at most {MAX_REPORT_BYTES / 1048576:.0f} MiB")
-    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"])
-    return findings, summary
+    summary = dict(result.get("summary") or {}, commit=commit, engines=result["engines"],
+                   checkout_seconds=checkout_seconds)
+    return findings, summary, result.get("incomplete") or None
+
+
+def _mirror_cache(settings: ScannerSettings) -> MirrorCache | None:
+    """The agent's mirror cache (one object per process; processes share it through locks)."""
+    if settings.mirror_dir is None:
+        return None
+    key = str(settings.mirror_dir)
+    if key not in _mirrors:
+        _mirrors[key] = MirrorCache(settings.mirror_dir, settings.mirror_cache_size)
+    return _mirrors[key]
 
 
 def _simulate(client: PlatformClient, spec: dict, seconds: float, runtime=None) -> None:

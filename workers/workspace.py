@@ -21,6 +21,7 @@ from exploop.config import format_size
 from exploop.redaction import redact_url
 
 from .lifeline import die_with_parent
+from .mirror import MirrorCache, MirrorLease
 
 __all__ = ["Workspace", "JobError", "JobTimeout", "run_process", "minimal_env",
            "workspace_root", "sweep_workspaces"]
@@ -150,8 +151,10 @@ class Workspace:
 
     def __init__(self, job_id: str, deadline: float, base_dir: str | None = None, *,
                  memory_limit: int | None = None, size_limit: int | None = None,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, mirrors: MirrorCache | None = None):
         self.job_id = job_id
+        self.mirrors = mirrors  # None: fetch straight from the remote every time
+        self.lease: MirrorLease | None = None
         self.check = check
         self.deadline = deadline
         self.memory_limit = memory_limit
@@ -169,6 +172,8 @@ class Workspace:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.lease is not None:  # only now: the checkout read the mirror's objects until here
+            self.lease.release()
 
     def git(self, *args: str, what: str) -> str:
         return run_process(["git", "-c", "protocol.file.allow=always", *args], cwd=str(self.repo),
@@ -188,14 +193,18 @@ class Workspace:
         if repo_url.startswith("-"):
             raise JobError(f"invalid repository URL {shown!r}")
         self.repo.mkdir()
-        self.git("init", "-q", what="git init")
-        # Check symlinks out as plain files holding their target: a tenant's link to
-        # /etc/passwd or to the agent's key file must never be followed by a scanner.
-        self.git("config", "core.symlinks", "false", what="git config")
-        self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
-        depth = [] if history else ["--depth", "1"]
+        target = "FETCH_HEAD"
         try:
-            self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
+            if self.mirrors is not None:  # the workspace's .git is written by the mirror (symlinks off)
+                target = self._fetch_through_mirror(repo_url, ref, history)
+            else:
+                self.git("init", "-q", what="git init")
+                # Check symlinks out as plain files holding their target: a tenant's link to
+                # /etc/passwd or to the agent's key file must never be followed by a scanner.
+                self.git("config", "core.symlinks", "false", what="git config")
+                self.git("remote", "add", "--", "origin", repo_url, what="git remote add")
+                depth = [] if history else ["--depth", "1"]
+                self.git("fetch", "-q", *depth, "--no-tags", "--", "origin", ref, what=f"clone of {shown}")
         except JobTimeout:
             raise
         except JobError as exc:
@@ -204,22 +213,45 @@ class Workspace:
                 raise JobError(f"ref {ref!r} not found in {shown}") from None
             raise JobError(f"repository {shown} could not be cloned: {text.split(': ', 1)[-1]}") from None
         if self.size_limit:
-            self._check_size(shown)
-        self.git("checkout", "-q", "--detach", "FETCH_HEAD", what="git checkout")
+            self._check_size(shown, target)
+        if self.lease is not None:
+            if not self.lease.attach(self.repo, target):  # not a tree the cache already holds
+                self.git("checkout", "-q", "--detach", target, what="git checkout")
+                self.lease.remember_tree(self.repo, target)
+            return self.lease.head(self.repo)
+        self.git("checkout", "-q", "--detach", target, what="git checkout")
         return self.git("rev-parse", "HEAD", what="git rev-parse").strip()
 
-    def _check_size(self, shown: str) -> None:
-        assert self.size_limit is not None  # called only with a limit set
+    def _mirror_git(self, git_dir: Path, *args: str, what: str) -> str:
+        return run_process(["git", "-c", "protocol.file.allow=always", "--git-dir", str(git_dir), *args],
+                           cwd=str(self.root), env=self.env, deadline=self.deadline, what=what, check=self.check)
+
+    def _fetch_through_mirror(self, repo_url: str, ref: str, history: bool) -> str:
+        """Fetch into the repository's cached mirror, then borrow its objects; the fetched object."""
+        assert self.mirrors is not None
+        try:
+            self.lease = self.mirrors.lease(repo_url, self.deadline)
+            fetched = self.lease.fetch(self._mirror_git, repo_url, ref, history, self.deadline)
+        except BlockingIOError:
+            raise JobTimeout("job timeout waiting for another job's fetch of the same repository") from None
+        return fetched
+
+    def _check_size(self, shown: str, target: str = "FETCH_HEAD") -> None:
         """Refuse a repository whose history or tree is over the limit, before checkout."""
-        stats = dict(line.split(": ", 1) for line in
-                     self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
-        packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
-        tree = 0
-        for line in self.git("ls-tree", "-r", "-l", "--full-tree", "FETCH_HEAD",
-                             what="git ls-tree").splitlines():
-            fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
-            if len(fields) == 4 and fields[3].isdigit():
-                tree += int(fields[3])
+        assert self.size_limit is not None  # called only with a limit set
+        if self.lease is not None:
+            packed = self.lease.object_bytes()
+            tree = self.lease.tree_bytes(self._mirror_git, target)
+        else:
+            stats = dict(line.split(": ", 1) for line in
+                         self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
+            packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
+            tree = 0
+            for line in self.git("ls-tree", "-r", "-l", "--full-tree", target,
+                                 what="git ls-tree").splitlines():
+                fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
+                if len(fields) == 4 and fields[3].isdigit():
+                    tree += int(fields[3])
         for what, size in (("fetched objects", packed), ("checked-out tree", tree)):
             if size > self.size_limit:
                 raise JobError(f"repository {shown} is too large: {what} {format_size(size)} exceed "

@@ -187,7 +187,8 @@ def progress(body, job_id):
 @agent_required
 def complete(body, job_id):
     """Store findings and complete a job this agent holds."""
-    return jobs.complete(g.agent, job_id, body["attempt"], body["findings"], body["summary"], job_token())
+    return jobs.complete(g.agent, job_id, body["attempt"], body["findings"], body["summary"], job_token(),
+                         body.get("incomplete"))
 
 
 @bp.post("/jobs/<job_id>/fail")

@@ -167,6 +167,12 @@ class IdempotencyArgs(Schema):
                                  " characters, e.g. a UUID)"})
 
 
+class UncheckedOut(Strict):
+    path = fields.String(metadata={"description": "lockfile (repository-relative)"})
+    ecosystem = fields.String(allow_none=True)
+    reason = fields.String()
+
+
 class JobOut(Strict):
     id = fields.String()
     status = fields.String()
@@ -185,6 +191,9 @@ class JobOut(Strict):
     progress_message = fields.String(allow_none=True)
     error = fields.String(allow_none=True)
     summary = fields.Dict(allow_none=True)
+    incomplete = fields.List(fields.Nested(UncheckedOut), allow_none=True, metadata={
+        "description": "null when everything found was checked; else each lockfile that could not"
+                       " be (its findings are missing from the report) and why"})
     agent = fields.String(attribute="agent_name", allow_none=True)
     created_at = UTCDateTime()
     queued_at = UTCDateTime(allow_none=True)
@@ -349,10 +358,19 @@ class FindingIn(Lenient):
     commit = fields.String(allow_none=True, validate=validate.Length(max=64))
 
 
+class UncheckedIn(Lenient):
+    path = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    ecosystem = fields.String(allow_none=True, validate=validate.Length(max=32))
+    reason = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+
+
 class CompleteIn(AttemptIn):
     findings = fields.List(fields.Nested(FindingIn), load_default=list,
                            validate=validate.Length(max=100000))
     summary = fields.Dict(load_default=dict)
+    incomplete = fields.List(fields.Nested(UncheckedIn), load_default=None, allow_none=True,
+                             validate=validate.Length(max=100),
+                             metadata={"description": "lockfiles the scan could not check, and why"})
 
 
 class FailIn(AttemptIn):

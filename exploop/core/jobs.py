@@ -461,7 +461,7 @@ def _fingerprint(item: dict) -> str:
 
 
 def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summary: dict,
-             job_token: str | None) -> Job:
+             job_token: str | None, incomplete: list[dict] | None = None) -> Job:
     """Store the findings and mark the job completed (repeating it is harmless)."""
     job = _held(agent, job_id, attempt, job_token)
     if job.status == JobStatus.COMPLETED:
@@ -476,6 +476,8 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
                                      "end_line", "message", "engine", "cwe", "secret_hash",
                                      "preview", "commit")}))
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
+    job.incomplete_json = json.dumps([{k: item.get(k) for k in ("path", "ecosystem", "reason")}
+                                      for item in incomplete]) if incomplete else None
     job.status, job.progress, job.finished_at, job.error = JobStatus.COMPLETED, 100, utcnow(), None
     db.session.commit()
     _finished(job, JobStatus.COMPLETED)

@@ -137,6 +137,8 @@ class Job(Model):
     cancelled_by: Mapped[str | None] = mapped_column(String(100))
     error: Mapped[str | None] = mapped_column(Text)
     summary_json: Mapped[str | None] = mapped_column(Text)
+    # What a completed job could not check (JSON list of {path, ecosystem, reason}); NULL: all of it.
+    incomplete_json: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -149,6 +151,10 @@ class Job(Model):
     @property
     def summary(self) -> dict | None:
         return json.loads(self.summary_json) if self.summary_json else None
+
+    @property
+    def incomplete(self) -> list[dict] | None:
+        return json.loads(self.incomplete_json) if self.incomplete_json else None
 
 
 class Finding(Model):

@@ -8,9 +8,9 @@ levels and ``security-severity`` the way GitHub code scanning reads them.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
-__all__ = ["build_sarif", "SARIF_SCHEMA", "LEVELS"]
+__all__ = ["build_sarif", "artifact_uri", "SARIF_SCHEMA", "LEVELS"]
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 LEVELS = {"critical": "error", "high": "error", "medium": "warning", "low": "note", "info": "note"}
@@ -61,8 +61,14 @@ def _rule(finding) -> dict:
     return rule
 
 
+def artifact_uri(path: str) -> str:
+    """A repository path as a relative URI reference: percent-encoded (spaces, ``%``,
+    non-ASCII as UTF-8), ``/`` kept; ``:`` is encoded so ``a:b.py`` never reads as a scheme."""
+    return quote(path, safe="/!$&'()*+,;=@-._~")
+
+
 def _result(finding, rule_index: int) -> dict:
-    location: dict = {"artifactLocation": {"uri": finding.path, "uriBaseId": "%SRCROOT%"}}
+    location: dict = {"artifactLocation": {"uri": artifact_uri(finding.path), "uriBaseId": "%SRCROOT%"}}
     if finding.start_line and finding.start_line >= 1:
         region = {"startLine": finding.start_line}
         if finding.end_line and finding.end_line >= finding.start_line:
@@ -102,6 +108,15 @@ def build_sarif(job, findings) -> dict:
         provenance = {"repositoryUri": repository, "branch": job.ref}
         if commit:
             provenance["revisionId"] = commit
+    # What the job could not check: an error on every run, so no reader takes silence for "clean".
+    notifications = [{
+        "level": "error",
+        "message": {"text": f"{item.get('path')}: not checked ({item.get('ecosystem') or 'unknown'}): "
+                            f"{item.get('reason')}; findings of this file are missing from the report"},
+        "descriptor": {"id": "exploop/unchecked-lockfile"},
+        "locations": [{"physicalLocation": {"artifactLocation": {
+            "uri": artifact_uri(str(item.get("path"))), "uriBaseId": "%SRCROOT%"}}}],
+    } for item in (job.incomplete or [])]
     runs = []
     for engine in engines:
         rules: list[dict] = []
@@ -125,7 +140,8 @@ def build_sarif(job, findings) -> dict:
             "originalUriBaseIds": {"%SRCROOT%": {"description": {"text": "root of the scanned repository"}}},
             "invocations": [{"executionSuccessful": True,
                              **({"startTimeUtc": _iso(job.started_at)} if job.started_at else {}),
-                             **({"endTimeUtc": _iso(job.finished_at)} if job.finished_at else {})}],
+                             **({"endTimeUtc": _iso(job.finished_at)} if job.finished_at else {}),
+                             **({"toolExecutionNotifications": notifications} if notifications else {})}],
             "results": results,
             "columnKind": "unicodeCodePoints",
             "properties": {"capability": job.capability, "jobId": job.id,

@@ -171,9 +171,9 @@ def test_bad_input_fails_clearly_and_agent_keeps_working(tmp_path, database_url,
             "repository file:///nonexistent/repo could not be cloned:")
         assert failed(f"file://{good}", "sast", ref="no-such-branch") == \
             f"ref 'no-such-branch' not found in file://{good}"
-        assert failed(f"file://{good}", "sca") == (
-            f"scanner sca failed: OSV database {tmp_path / 'empty-osv'} is empty (no <Ecosystem>/all.zip or"
-            " JSON records): run `exploop-agent osv-sync`")
+        assert failed(f"file://{good}", "sca") == (  # the agent's directory is not named to the tenant
+            "scanner sca failed: OSV database (OSV_DB_DIR) on this agent is empty (no <Ecosystem>/all.zip"
+            " or JSON records): run `exploop-agent osv-sync`")
         error = failed(f"file://{slow}", "secrets")
         assert error.startswith("job timeout during scanner secrets: time limit reached after")
         assert error.endswith("process group killed (attempt 1 of 1)")

@@ -80,8 +80,8 @@ def test_summary_says_what_was_checked(result):
     assert {(f["path"], f["ecosystem"], f["packages"]) for f in summary["lockfiles"]} == {
         ("Pipfile.lock", "PyPI", 2), ("api/poetry.lock", "PyPI", 2), ("requirements.txt", "PyPI", 3),
         ("requirements-dev.txt", "PyPI", 3), ("web/package-lock.json", "npm", 5),
-        ("legacy/package-lock.json", "npm", 5), ("svc/go.mod", "Go", 4)}
-    assert summary["packages_checked"] == 24
+        ("legacy/package-lock.json", "npm", 5), ("svc/go.mod", "Go", 6)}  # + stdlib, toolchain
+    assert summary["packages_checked"] == 26
     assert summary["unpinned"] == [{"path": "requirements.txt", "line": 5, "requirement": "flask>=1.0",
                                     "reason": "no exact == pin"}]
 
@@ -125,7 +125,7 @@ def test_patched_pins_have_no_findings(tmp_path, osv_dir):
 
 @pytest.mark.parametrize("setup, message", [
     (lambda tmp: None, "OSV database not configured: set OSV_DB_DIR"),
-    (lambda tmp: tmp / "missing", "does not exist: run `exploop-agent osv-sync`"),
+    (lambda tmp: tmp / "missing", "does not exist on this agent: run `exploop-agent osv-sync`"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "is empty"),
     (lambda tmp: write_osv_db(tmp / "npm-only", pypi=False, go=False), "has no PyPI advisories"),
 ])
@@ -162,7 +162,7 @@ def test_broken_lockfile_fails_the_scan(tmp_path, osv_dir):
     commit(path, {"package-lock.json": '{"lockfileVersion": 3, "packages": {'})
     proc = run_scanner("sca", path, "--osv-db", str(osv_dir))
     assert proc.returncode == 3
-    assert proc.stderr.strip().startswith("package-lock.json: invalid JSON")
+    assert proc.stderr.strip().startswith("no lockfile could be checked: package-lock.json: invalid JSON")
 
 
 # --- OSV evaluation ----------------------------------------------------------

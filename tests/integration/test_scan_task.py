@@ -32,7 +32,8 @@ def test_sca_findings_are_reduced_to_the_stored_shape(tmp_path, client, monkeypa
     repo = tmp_path / "repo"
     head = commit(repo, {"requirements.txt": "Jinja2==2.10\n"})
     monkeypatch.setattr(tasks, "_settings", [ScannerSettings(osv_db_dir=write_osv_db(tmp_path / "osv"))])
-    findings, summary = tasks._scan(client, _spec(repo, "sca"), time.monotonic() + 60)
+    findings, summary, incomplete = tasks._scan(client, _spec(repo, "sca"), time.monotonic() + 60)
+    assert incomplete is None
     assert [f["rule_id"] for f in findings] == ["PYSEC-2019-217", "PYSEC-2021-66"]
     assert all(set(f) <= set(tasks._FINDING_FIELDS) and f["commit"] == head for f in findings)
     assert summary["commit"] == head and summary["engines"][0]["name"] == "exploop-osv"

@@ -114,9 +114,14 @@ def test_scanner_settings_from_env():
     assert parse_size("4g") == 4 * 1024 ** 3 and parse_size("512MiB") == 512 * 1024 ** 2
     assert parse_size("100k") == 102400 and parse_size("2048") == 2048
     settings = ScannerSettings.from_env({"OSV_DB_DIR": "/srv/osv", "SCANNER_MEMORY_LIMIT": "2g",
-                                         "REPO_SIZE_LIMIT": "200m", "SEMGREP_BIN": "none"})
-    assert settings == ScannerSettings(Path("/srv/osv"), 2 * 1024 ** 3, 200 * 1024 ** 2, "none")
-    assert ScannerSettings.from_env({}) == ScannerSettings(None, 4 * 1024 ** 3, 1024 ** 3, None)
+                                         "REPO_SIZE_LIMIT": "200m", "SEMGREP_BIN": "none",
+                                         "MIRROR_CACHE_DIR": "/srv/mirrors", "MIRROR_CACHE_SIZE": "5g"})
+    assert settings == ScannerSettings(Path("/srv/osv"), 2 * 1024 ** 3, 200 * 1024 ** 2, "none",
+                                       Path("/srv/mirrors"), 5 * 1024 ** 3)
+    assert ScannerSettings.from_env({}) == ScannerSettings(None, 4 * 1024 ** 3, 1024 ** 3, None,
+                                                           Path.home() / ".exploop" / "mirrors")
+    assert ScannerSettings.from_env({"MIRROR_CACHE_SIZE": "0"}).mirror_dir is None
+    assert ScannerSettings.from_env({"MIRROR_CACHE_DIR": "none"}).mirror_dir is None
     with pytest.raises(ConfigError, match="SCANNER_MEMORY_LIMIT: invalid size 'lots'"):
         ScannerSettings.from_env({"SCANNER_MEMORY_LIMIT": "lots"})
     with pytest.raises(ConfigError, match="REPO_SIZE_LIMIT: size must be positive"):

@@ -15,8 +15,9 @@ from workers.scanners.sast import find_semgrep
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parents[1] / "data"
-#: The real PyPI advisories (osv.dev export layout): 2,661 records of the PyPA advisory
-#: database, vendored under tests/data/osv (CC-BY-4.0, see its README).
+#: The real PyPI and Go advisories (osv.dev export layout): 2,661 records of the PyPA
+#: advisory database and 4,291 of the Go vulnerability database, vendored under
+#: tests/data/osv (CC-BY-4.0, see its README).
 SHARED_OSV = Path(os.environ.get("EXPLOOP_TEST_OSV_DIR") or DATA / "osv")
 
 _GIT_ENV = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
@@ -59,6 +60,7 @@ needs_semgrep = pytest.mark.skipif(
 
 # The real advisories are part of the repository: a missing file fails collection, never skips.
 assert (SHARED_OSV / "PyPI" / "all.zip").is_file(), f"real OSV data missing at {SHARED_OSV}"
+assert (SHARED_OSV / "Go" / "all.zip").is_file(), f"real Go OSV data missing at {SHARED_OSV}"
 #: Marks the tests that use the real advisories (kept as a marker for readability).
 needs_shared_osv = pytest.mark.osv
 
@@ -113,8 +115,9 @@ GO_RECORDS = [
 ]
 
 
-def write_osv_db(root: Path, *, pypi: bool = True, npm: bool = True, go: bool = True) -> Path:
-    """An OSV_DB_DIR: the real PyPI export (zip) plus npm (zip) and Go (plain JSON dir)."""
+def write_osv_db(root: Path, *, pypi: bool = True, npm: bool = True, go: bool | str = True) -> Path:
+    """An OSV_DB_DIR: the real PyPI export (zip) plus npm (zip) and Go (plain JSON dir of the
+    small fixtures, or with ``go="real"`` the real Go export)."""
     root.mkdir(parents=True, exist_ok=True)
     if pypi:
         (root / "PyPI").mkdir(exist_ok=True)
@@ -124,18 +127,32 @@ def write_osv_db(root: Path, *, pypi: bool = True, npm: bool = True, go: bool = 
         with zipfile.ZipFile(root / "npm" / "all.zip", "w") as archive:
             for record in NPM_RECORDS:
                 archive.writestr(f"{record['id']}.json", json.dumps(record))
-    if go:
+    if go == "real":
+        (root / "Go").mkdir(exist_ok=True)
+        shutil.copy(SHARED_OSV / "Go" / "all.zip", root / "Go" / "all.zip")
+    elif go:
         (root / "Go").mkdir(exist_ok=True)
         for record in GO_RECORDS:
             (root / "Go" / f"{record['id']}.json").write_text(json.dumps(record))
     return root
 
 
+def sarif_format_checker():
+    """Every format the SARIF schema uses, really checked: jsonschema's draft-4 checker knows
+    no ``uri-reference`` (a draft-6 name the SARIF schema uses) and checks ``uri`` only with
+    an RFC 3986 library installed, so take the checker of all drafts and insist on both."""
+    import jsonschema
+    checker = jsonschema.FormatChecker()
+    missing = {"uri", "uri-reference", "date-time"} - set(checker.checkers)
+    assert not missing, f"format checks unavailable: {missing} (pip install rfc3986-validator)"
+    return checker
+
+
 def validate_sarif(document: dict) -> None:
     """Validate against the vendored OASIS SARIF 2.1.0 schema (raises on the first error)."""
     import jsonschema
     schema = json.loads((DATA / "sarif-schema-2.1.0.json").read_text())
-    validator = jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+    validator = jsonschema.Draft4Validator(schema, format_checker=sarif_format_checker())
     errors = sorted(validator.iter_errors(document), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
 

@@ -172,12 +172,12 @@ class OsvDatabase:
                            "`exploop-agent osv-sync`")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise OsvError(f"OSV database directory {self.root} does not exist: run "
+            raise OsvError("OSV database directory (OSV_DB_DIR) does not exist on this agent: run "
                            "`exploop-agent osv-sync`")
         self.available = self._sources()
         if not self.available:
-            raise OsvError(f"OSV database {self.root} is empty (no <Ecosystem>/all.zip or JSON "
-                           "records): run `exploop-agent osv-sync`")
+            raise OsvError("OSV database (OSV_DB_DIR) on this agent is empty (no <Ecosystem>/all.zip "
+                           "or JSON records): run `exploop-agent osv-sync`")
         self.stats: dict[str, dict] = {}
 
     def _sources(self) -> dict[str, Path]:
@@ -200,7 +200,8 @@ class OsvDatabase:
                         if info.filename.endswith(".json"):
                             yield info.filename, archive.read(info)
             except zipfile.BadZipFile:
-                raise OsvError(f"OSV archive {source} is corrupt: run `exploop-agent osv-sync`") from None
+                raise OsvError(f"OSV archive of {source.parent.name} advisories on this agent is corrupt: "
+                               "run `exploop-agent osv-sync`") from None
         else:
             for path in sorted(source.glob("*.json")):
                 yield path.name, path.read_bytes()
@@ -209,7 +210,7 @@ class OsvDatabase:
         """Advisories for ``names`` (normalised) in ``ecosystem``; fails when it has no data."""
         source = self.available.get(ecosystem)
         if source is None:
-            raise OsvError(f"OSV database {self.root} has no {ecosystem} advisories "
+            raise OsvError(f"OSV database on this agent has no {ecosystem} advisories "
                            f"(have: {', '.join(sorted(self.available))}): run "
                            f"`exploop-agent osv-sync --ecosystem {ecosystem}`")
         index: dict[str, list[Advisory]] = {}
@@ -223,7 +224,8 @@ class OsvDatabase:
             try:
                 record = json.loads(raw)
             except ValueError:
-                raise OsvError(f"OSV record {member} in {source} is not valid JSON") from None
+                raise OsvError(f"OSV record {os.path.basename(member)} of the {ecosystem} advisories on "
+                               "this agent is not valid JSON: run `exploop-agent osv-sync`") from None
             if record.get("withdrawn"):
                 withdrawn += 1
                 continue
@@ -236,7 +238,8 @@ class OsvDatabase:
                 if name in names and advisory not in index.setdefault(name, []):
                     index[name].append(advisory)
         if total == 0:
-            raise OsvError(f"OSV database {source} holds no records: run `exploop-agent osv-sync`")
+            raise OsvError(f"OSV database on this agent holds no {ecosystem} records: run "
+                           "`exploop-agent osv-sync`")
         mtime = source.stat().st_mtime
         self.stats[ecosystem] = {"records": total, "source": str(source.relative_to(self.root)),
                                  "updated": _iso(mtime)}

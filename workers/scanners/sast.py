@@ -91,17 +91,20 @@ def run_bandit(root: str, files: list[str], cache: dict) -> tuple[list[dict], di
         skipped += int(report.get("metrics", {}).get("_totals", {}).get("nosec", 0))
         for issue in report.get("results", []):
             path = _rel(issue["filename"])
+            # The engine's own line (where bandit points, e.g. ``shell=True`` inside a call
+            # spread over lines); the whole range is the end line and the fingerprint basis.
             lines = issue.get("line_range") or [issue["line_number"]]
-            start, end = min(lines), max(lines)
+            first, last = min(lines), max(lines)
+            line = issue.get("line_number") or first
             cwe = issue.get("issue_cwe") or {}
             rule = f"bandit.{issue['test_id']}"
             findings.append(make_finding(
-                engine="bandit", rule_id=rule, path=path, start_line=start, end_line=end,
+                engine="bandit", rule_id=rule, path=path, start_line=line, end_line=max(last, line),
                 severity=_BANDIT_LEVEL.get(issue["issue_severity"], "medium"),
                 confidence=_BANDIT_LEVEL.get(issue["issue_confidence"], "medium"),
                 cwe=f"CWE-{cwe['id']}" if cwe.get("id") else None,
                 message=f"{issue['test_id']} {issue['test_name']}: {issue['issue_text']}",
-                basis=code_basis(root, path, start, end, cache)))
+                basis=code_basis(root, path, first, last, cache)))
     return findings, {"name": "bandit", "version": _bandit_version(), "languages": ["python"],
                       "files": len(targets), "errors": errors[:50], "error_count": len(errors),
                       "suppressed": skipped}

@@ -1,11 +1,17 @@
 """Software composition analysis: the repository's lockfiles matched against OSV advisories.
 
 Run as ``python -m workers.scanners.sca <dir> --osv-db DIR``. Lockfiles read:
-``requirements*.txt`` (``==`` pins), ``poetry.lock``, ``Pipfile.lock`` (PyPI),
-``package-lock.json`` / ``npm-shrinkwrap.json`` v1-v3 (npm) and ``go.mod`` (Go).
-Versions compare with ``packaging`` (PyPI) and ``semver`` (npm, Go). A missing or empty
-database, or one without the ecosystem a lockfile needs, fails the scan: "no
-vulnerabilities" is only ever said about packages that were checked.
+requirements files as pip reads them (``==`` pins, ``-r``/``-c`` followed), ``pyproject.toml``
+(PEP 621 ``==`` pins), ``poetry.lock``, ``Pipfile.lock``, ``uv.lock``, ``pdm.lock`` (PyPI);
+``package-lock.json`` / ``npm-shrinkwrap.json`` v1-v3, ``yarn.lock`` v1 and berry,
+``pnpm-lock.yaml`` (npm); ``go.mod`` with the standard library and toolchain of its ``go``
+and ``toolchain`` directives (Go). Versions compare with ``packaging`` (PyPI) and ``semver``
+(npm, Go).
+
+"No vulnerabilities" is only ever said about packages that were checked: a lockfile that
+cannot be checked (it does not parse, an include is missing, the database has no data for
+its ecosystem) is listed in the document's ``incomplete`` with the reason, and a
+repository where nothing could be checked fails the scan.
 """
 from __future__ import annotations
 
@@ -13,27 +19,23 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
 
-from .common import ScanError, make_finding, run_main, tracked_files
+from . import manifests
+from .common import ScanError, make_finding, number_duplicates, run_main, tracked_files
 from .osv import Advisory, OsvDatabase, OsvError, is_affected, normalize_name
+from .packages import LockfileError, Package
+from .requirements import RequirementsFile, is_requirements_file, parse_requirements_file, read_requirements
 
 __all__ = ["scan", "Package", "parse_lockfile", "lockfile_kind", "severity_of"]
 
 ENGINE = "exploop-osv"
 
-
-@dataclass(frozen=True)
-class Package:
-    ecosystem: str
-    name: str
-    version: str
-    path: str
-    line: int
-
-
-class LockfileError(ScanError):
-    pass
+#: The ecosystem each kind of lockfile pins.
+KIND_ECOSYSTEM = {"requirements": "PyPI", "pyproject": "PyPI", "poetry": "PyPI", "pipfile": "PyPI",
+                  "uv": "PyPI", "pdm": "PyPI", "npm": "npm", "yarn": "npm", "pnpm": "npm", "gomod": "Go"}
+_BASENAMES = {"package-lock.json": "npm", "npm-shrinkwrap.json": "npm", "yarn.lock": "yarn",
+              "pnpm-lock.yaml": "pnpm", "poetry.lock": "poetry", "Pipfile.lock": "pipfile",
+              "uv.lock": "uv", "pdm.lock": "pdm", "pyproject.toml": "pyproject", "go.mod": "gomod"}
 
 
 def lockfile_kind(path: str) -> str | None:
@@ -41,57 +43,20 @@ def lockfile_kind(path: str) -> str | None:
     parts = path.split("/")
     if "node_modules" in parts[:-1]:
         return None  # installed dependencies' own lockfiles are not the project's
-    base = parts[-1]
-    if base in ("package-lock.json", "npm-shrinkwrap.json"):
-        return "npm"
-    if base == "poetry.lock":
-        return "poetry"
-    if base == "Pipfile.lock":
-        return "pipfile"
-    if base == "go.mod":
-        return "gomod"
-    if base.endswith(".txt") and (base.startswith("requirements")
-                                  or (len(parts) > 1 and parts[-2] == "requirements")):
-        return "requirements"
-    return None
+    if parts[-1] in _BASENAMES:
+        return _BASENAMES[parts[-1]]
+    return "requirements" if is_requirements_file(path) else None
 
 
 # --- PyPI -------------------------------------------------------------------
 
 def parse_requirements(text: str, path: str) -> tuple[list[Package], list[dict]]:
-    """``name==version`` pins; anything else is reported as unpinned (not checked)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    packages, unpinned = [], []
-    logical, start = "", 0
-    lines = text.splitlines()
-    for number, raw in enumerate(lines + [""], start=1):
-        if not logical:
-            start = number
-        stripped = raw.rstrip()
-        if stripped.endswith("\\"):
-            logical += stripped[:-1] + " "
-            continue
-        logical += raw
-        line, logical = logical, ""
-        line = re.sub(r"(^|\s)#.*$", "", line).strip()
-        line = re.sub(r"\s--hash[=\s]\S+", "", line).strip()
-        if not line or line.startswith("-"):
-            continue  # options (-r, -c, -e, --index-url...) carry no pinned version
-        try:
-            req = Requirement(line)
-        except InvalidRequirement:
-            unpinned.append({"path": path, "line": start, "requirement": line[:200],
-                             "reason": "not a valid requirement"})
-            continue
-        specs = list(req.specifier)
-        if req.url is None and len(specs) == 1 and specs[0].operator in ("==", "===") \
-                and "*" not in specs[0].version:
-            packages.append(Package("PyPI", req.name, specs[0].version, path, start))
-        else:
-            unpinned.append({"path": path, "line": start, "requirement": line[:200],
-                             "reason": "no exact == pin"})
-    return packages, unpinned
+    """``name==version`` pins of one file (includes not followed); the rest is unpinned."""
+    parsed = parse_requirements_file(text, path)
+    packages = [Package("PyPI", r.name, r.version, path, r.line) for r in parsed.requirements if r.version]
+    unpinned = parsed.invalid + [{"path": path, "line": r.line, "requirement": r.text, "reason": r.reason}
+                                 for r in parsed.requirements if not r.version]
+    return packages, sorted(unpinned, key=lambda i: i["line"])
 
 
 def parse_poetry(text: str, path: str) -> list[Package]:
@@ -99,16 +64,7 @@ def parse_poetry(text: str, path: str) -> list[Package]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LockfileError(f"{path}: invalid TOML ({exc})") from None
-    # [[package]] blocks appear in document order; find each one's name line.
-    name_lines = []
-    in_package = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            in_package = stripped == "[[package]]"
-        elif in_package and re.match(r'^name\s*=', stripped):
-            name_lines.append(number)
-            in_package = False
+    name_lines = manifests.package_name_lines(text)
     packages = []
     for n, entry in enumerate(data.get("package", [])):
         source = entry.get("source") or {}
@@ -174,19 +130,20 @@ def parse_package_lock(text: str, path: str) -> list[Package]:
             name = entry.get("name") or key.rsplit("node_modules/", 1)[1]
             version = entry.get("version")
             if version and not entry.get("resolved", "").startswith("file:"):
-                packages.append(Package("npm", name, version, path, line))
+                packages.append(Package("npm", name, version, path, line, instance=key))
         return packages
 
-    def walk(deps: dict) -> None:  # lockfileVersion 1: a nested tree
+    def walk(deps: dict, parent: str = "") -> None:  # lockfileVersion 1: a nested tree
         for name, entry in deps.items():
+            install = f"{parent}node_modules/{name}"
             line = cursor.line_of(name)
             version = entry.get("version", "")
             real = name
             if version.startswith("npm:"):  # an alias: "npm:real-name@1.2.3"
                 real, _, version = version[4:].rpartition("@")
             if version and not re.match(r"^(file|git|github|http|https|link):", version):
-                packages.append(Package("npm", real, version, path, line))
-            walk(entry.get("dependencies") or {})
+                packages.append(Package("npm", real, version, path, line, instance=install))
+            walk(entry.get("dependencies") or {}, install + "/")
 
     if "dependencies" in data:
         cursor.line_of("dependencies")
@@ -196,13 +153,31 @@ def parse_package_lock(text: str, path: str) -> list[Package]:
 
 # --- Go ---------------------------------------------------------------------
 
+def go_release(text: str) -> str | None:
+    """A Go release as the vulnerability database writes it: ``1.21`` -> ``1.21.0``,
+    ``go1.21rc2`` -> ``1.21.0-rc.2``; None when it is not a release number."""
+    match = re.match(r"^(?:go)?(\d+)\.(\d+)(?:\.(\d+))?(?:(rc|beta)(\d+))?$", text)
+    if not match:
+        return None
+    major, minor, patch, kind, number = match.groups()
+    return f"{major}.{minor}.{patch or 0}" + (f"-{kind}.{number}" if kind else "")
+
+
 def parse_go_mod(text: str, path: str) -> list[Package]:
+    """``require`` (with ``replace``), and the standard library and toolchain version:
+    the ``toolchain`` directive when present, else the ``go`` directive (the minimum)."""
     requires: list[tuple[str, str, int]] = []
     replaces: dict[tuple[str, str | None], tuple[str, str | None]] = {}
+    release: dict[str, tuple[str, int]] = {}
     block = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("//", 1)[0].strip()
         if not line:
+            continue
+        directive = re.match(r"^(go|toolchain)\s+(\S+)$", line) if not block else None
+        version = go_release(directive.group(2)) if directive else None
+        if directive and version:
+            release[directive.group(1)] = (version, number)
             continue
         if block:
             if line == ")":
@@ -229,6 +204,11 @@ def parse_go_mod(text: str, path: str) -> list[Package]:
                 continue  # replaced by a local directory
             version = replaced_by
         packages.append(Package("Go", module, version, path, number))
+    version_line = release.get("toolchain") or release.get("go")
+    if version_line:
+        version, number = version_line
+        packages += [Package("Go", "stdlib", version, path, number),
+                     Package("Go", "toolchain", version, path, number)]
     return packages
 
 
@@ -250,8 +230,11 @@ def parse_lockfile(kind: str, text: str, path: str) -> tuple[list[Package], list
     """Packages with exact versions in one lockfile, and entries that could not be checked."""
     if kind == "requirements":
         return parse_requirements(text, path)
+    if kind == "pyproject":
+        return manifests.parse_pyproject(text, path)
     parser = {"poetry": parse_poetry, "pipfile": parse_pipfile_lock, "npm": parse_package_lock,
-              "gomod": parse_go_mod}[kind]
+              "gomod": parse_go_mod, "uv": manifests.parse_uv_lock, "pdm": manifests.parse_pdm_lock,
+              "yarn": manifests.parse_yarn_lock, "pnpm": manifests.parse_pnpm_lock}[kind]
     return parser(text, path), []
 
 
@@ -315,7 +298,7 @@ def _group(advisories: list[Advisory]) -> list[list[Advisory]]:
     return [members for _, members in groups]
 
 
-def match(package: Package, advisories: list[Advisory]) -> list[dict]:
+def match(package: Package, advisories: list[Advisory], instance: str = "") -> list[dict]:
     """Findings for one package: one per group of aliased advisories that affect it."""
     name = normalize_name(package.ecosystem, package.name)
     hits = []
@@ -347,10 +330,49 @@ def match(package: Package, advisories: list[Advisory]) -> list[dict]:
             engine=ENGINE, rule_id=primary.id, severity=severity, confidence="high",
             path=package.path, start_line=package.line, end_line=package.line,
             cwe=cwes[0] if cwes else None, message=message,
-            basis=f"{package.ecosystem}|{name}",
+            basis=f"{package.ecosystem}|{name}" + (f"|{instance}" if instance else ""),
             package={"ecosystem": package.ecosystem, "name": package.name,
                      "version": package.version}, aliases=aliases, fixed=fixed))
     return findings
+
+
+class _Repository:
+    """Reads the checkout's files: tracked, not links, UTF-8 (a byte-order mark is ignored)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.tracked = set(tracked_files(root))
+
+    def text(self, path: str) -> str:
+        """The file's text; raises LockfileError saying why it cannot be read."""
+        if path not in self.tracked:
+            raise LockfileError("not in the repository")
+        full = os.path.join(self.root, path)
+        if os.path.islink(full):
+            raise LockfileError("a symbolic link (never followed)")
+        try:
+            with open(full, encoding="utf-8-sig") as handle:
+                return handle.read()
+        except UnicodeDecodeError:
+            raise LockfileError("not UTF-8 text") from None
+        except OSError as exc:
+            raise LockfileError(f"cannot be read ({exc.__class__.__name__})") from None
+
+    def requirements(self, path: str) -> RequirementsFile | str:
+        try:
+            return parse_requirements_file(self.text(path), path)
+        except LockfileError as exc:
+            return str(exc)
+
+
+def instances(packages: list[Package]) -> dict[Package, str]:
+    """What tells apart several copies of one package in one lockfile (none when it is alone,
+    so a version bump keeps the fingerprint): the install path or descriptors, else the version."""
+    groups: dict[tuple, list[Package]] = {}
+    for package in packages:
+        key = (package.path, package.ecosystem, normalize_name(package.ecosystem, package.name))
+        groups.setdefault(key, []).append(package)
+    return {p: (p.instance or p.version) if len(group) > 1 else "" for group in groups.values() for p in group}
 
 
 def scan(root: str, osv_db: str | None) -> dict:
@@ -360,50 +382,72 @@ def scan(root: str, osv_db: str | None) -> dict:
         database = OsvDatabase(osv_db)
     except OsvError as exc:
         raise ScanError(str(exc)) from None
-    lockfiles, packages, unpinned = [], [], []
-    for path in sorted(tracked_files(root)):
+    repository = _Repository(root)
+    found: dict[str, list[Package]] = {}  # lockfile path -> its packages
+    kinds: dict[str, str] = {}
+    unpinned: list[dict] = []
+    unchecked: list[dict] = []
+    requirement_files = []
+    for path in sorted(repository.tracked):
         kind = lockfile_kind(path)
-        if kind is None:
-            continue
-        if os.path.islink(os.path.join(root, path)):
+        if kind is None or os.path.islink(os.path.join(root, path)):
             continue  # never follow a link out of the checkout (the agent checks links out as files)
+        if kind == "requirements":
+            requirement_files.append(path)
+            continue
         try:
-            with open(os.path.join(root, path), encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScanError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
-        found, skipped = parse_lockfile(kind, text, path)
-        packages += found
+            packages, skipped = parse_lockfile(kind, repository.text(path), path)
+        except LockfileError as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            unchecked.append({"path": path, "ecosystem": KIND_ECOSYSTEM[kind], "reason": reason})
+            continue
+        found[path], kinds[path] = packages, kind
         unpinned += skipped
-        ecosystems = sorted({p.ecosystem for p in found}) or [
-            {"requirements": "PyPI", "poetry": "PyPI", "pipfile": "PyPI", "npm": "npm", "gomod": "Go"}[kind]]
-        lockfiles.append({"path": path, "ecosystem": ecosystems[0], "packages": len(found)})
-    findings = []
-    for ecosystem in sorted({p.ecosystem for p in packages}):
-        members = [p for p in packages if p.ecosystem == ecosystem]
+    packages, skipped, not_followed, files_read = read_requirements(requirement_files, repository.requirements)
+    unpinned += skipped
+    unchecked += not_followed
+    for path in files_read:
+        found[path], kinds[path] = [p for p in packages if p.path == path], "requirements"
+    findings, checked = [], []
+    for ecosystem in sorted({KIND_ECOSYSTEM[k] for k in kinds.values()}):
+        paths = [p for p in sorted(found) if KIND_ECOSYSTEM[kinds[p]] == ecosystem]
+        members = [p for path in paths for p in found[path]]
         try:
             index = database.load(ecosystem, {normalize_name(ecosystem, p.name) for p in members})
         except OsvError as exc:
-            raise ScanError(str(exc)) from None
-        for package in members:
+            unchecked += [{"path": path, "ecosystem": ecosystem, "reason": str(exc)} for path in paths]
+            continue
+        checked += paths
+        for package, instance in instances(members).items():
             advisories = index.get(normalize_name(ecosystem, package.name))
             if advisories:
-                findings += match(package, advisories)
+                findings += match(package, advisories, instance)
+    if unchecked and not checked:
+        raise ScanError("no lockfile could be checked: " + "; ".join(
+            f"{u['path']}: {u['reason']}" for u in unchecked[:5]) + (" ..." if len(unchecked) > 5 else ""))
+    number_duplicates(findings)  # the same pin twice in one file: still one finding each
     findings.sort(key=lambda f: (f["path"], f["start_line"] or 0, f["rule_id"]))
+    checked_packages = [p for path in checked for p in found[path]]
     summary = {
         "osv_db": database.stats,
-        "lockfiles": lockfiles,
-        "packages_checked": len(packages),
+        "lockfiles": [{"path": path, "ecosystem": KIND_ECOSYSTEM[kinds[path]], "packages": len(found[path]),
+                       "checked": path in checked} for path in sorted(found)],
+        "packages_checked": len(checked_packages),
         "vulnerable_packages": len({(f["path"], f["package"]["name"], f["package"]["version"])
                                     for f in findings}),
         "unpinned": unpinned[:100],
         "unpinned_count": len(unpinned),
+        "unchecked": unchecked[:100],
     }
-    if not lockfiles:
-        summary["note"] = ("no supported lockfile found (requirements*.txt, poetry.lock, Pipfile.lock,"
-                           " package-lock.json, go.mod): no package was checked")
-    return {"engines": [{"name": ENGINE, "version": _version()}], "findings": findings,
-            "summary": summary}
+    if not found and not unchecked:
+        summary["note"] = ("no supported lockfile found (requirements files, pyproject.toml, poetry.lock, "
+                           "Pipfile.lock, uv.lock, pdm.lock, package-lock.json, yarn.lock, pnpm-lock.yaml, "
+                           "go.mod): no package was checked")
+    document = {"engines": [{"name": ENGINE, "version": _version()}], "findings": findings,
+                "summary": summary}
+    if unchecked:
+        document["incomplete"] = unchecked[:100]
+    return document
 
 
 def _version() -> str:

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from typing import TYPE_CHECKING
 
-from .common import ScanError, fingerprint, run_main
+from .common import ScanError, fingerprint, number_duplicates, run_main
 
 if TYPE_CHECKING:
     from detect_secrets.core.potential_secret import PotentialSecret
@@ -250,6 +250,7 @@ def scan(root: str, history: bool = True) -> dict:
         engines.append(info)
     else:
         summary["engines_unavailable"] = [{"name": "gitleaks", "reason": "no gitleaks binary on PATH"}]
+    number_duplicates(findings)  # one value twice in one file: two findings, two fingerprints
     findings.sort(key=lambda f: (f["path"], f["start_line"] or 0, f["rule_id"], f.get("commit") or ""))
     return {"engines": engines, "findings": findings, "summary": summary}
 
