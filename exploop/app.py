@@ -10,7 +10,9 @@ from sqlalchemy.engine import Engine
 
 from .celery_app import make_celery
 from .config import CAPABILITIES, ConfigError, parse_duration, server_defaults
+from .destinations import DestinationPolicy
 from .extensions import db, migrate
+from .keyring import load_keyring
 from .leases import LeaseStore
 from .routing import queue_for
 from .throttle import AuthThrottle
@@ -34,6 +36,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["redis"] = client
     app.extensions["leases"] = LeaseStore(client)
     app.extensions["auth_throttle"] = _auth_throttle(app, client)
+    app.extensions["keyring"] = load_keyring(app.config)
+    app.extensions["destinations"] = DestinationPolicy.from_config(app.config)
     parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
     celery_conf = {k.lower(): v for k, v in app.config["CELERY"].items()}
@@ -173,4 +177,6 @@ def init_db(app: Flask) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     from .schema import upgrade
+    from .vault import check_keyring
     upgrade(app)
+    check_keyring(app)

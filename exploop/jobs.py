@@ -20,7 +20,9 @@ from sqlalchemy import func, select, update
 
 from .celery_app import declare_queue
 from .config import CAPABILITIES, parse_duration
+from .destinations import DestinationRefused, repo_host
 from .errors import ApiError
+from . import vault
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
@@ -37,11 +39,30 @@ SEVERITIES = ("critical", "high", "medium", "low", "info")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
 
+#: Control characters (C0, DEL, C1, Unicode line breaks) and whitespace: a URL never needs
+#: them (spaces are %20), and a newline in a logged value forges log lines.
+_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029]")
+
+
 def validate_repo_url(url: str) -> str:
-    """Accept https and ssh URLs (and file:// when local repos are allowed)."""
-    url = url.strip()
-    if _SCP_LIKE.match(url):  # git@github.com:org/repo.git
-        return url
+    """Accept https and ssh URLs (and file:// when local repos are allowed) whose host the
+    destination policy allows."""
+    url = url.strip(" ")
+    if _CONTROL.search(url):
+        raise ApiError(400, "repository URL contains whitespace or control characters",
+                       {"repo_url": ["control characters and whitespace are not allowed (encode spaces as %20)"]})
+    if not _SCP_LIKE.match(url):  # git@github.com:org/repo.git needs no scheme check
+        _check_scheme(url)
+    try:
+        host = repo_host(url)
+        if host is not None:
+            current_app.extensions["destinations"].check(*host, unresolved_ok=True)
+    except DestinationRefused as exc:
+        raise ApiError(400, str(exc), {"repo_url": ["refused by the repository destination policy"]}) from None
+    return url
+
+
+def _check_scheme(url: str) -> None:
     parsed = urlparse(url)
     allowed = {"https", "ssh"}
     if current_app.config["ALLOW_LOCAL_REPOS"]:
@@ -53,7 +74,6 @@ def validate_repo_url(url: str) -> str:
         raise ApiError(400, "repository URL has no host", {"repo_url": ["missing host"]})
     if parsed.scheme == "file" and not parsed.path:
         raise ApiError(400, "repository URL has no path", {"repo_url": ["missing path"]})
-    return url
 
 
 def known_regions() -> set[str]:
@@ -109,6 +129,7 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
         region = choose_region(capability)
     config = current_app.config
     repo_url = validate_repo_url(data["repo_url"])
+    shown_url, sealed_credentials = vault.seal_repo_url(repo_url)
     limits = plan_limits(tenant)
     counts = _tenant_counts(tenant.id)
     waiting = counts.get("pending", 0) + counts.get("queued", 0)
@@ -124,7 +145,8 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     priority = data.get("priority") or "normal"
     now = utcnow()
     job = Job(tenant_id=tenant.id, capability=capability, region=region,
-              repo_url=repo_url, ref=data.get("ref") or "HEAD", priority=priority,
+              repo_url=shown_url, repo_credentials=sealed_credentials, ref=data.get("ref") or "HEAD",
+              priority=priority,
               admission_key=admission_key(now, priority), created_at=now,
               status="queued" if admit else "pending", queued_at=now if admit else None,
               max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
@@ -299,6 +321,16 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
     return job, token
 
 
+def fail_unreadable_credentials(job: Job) -> None:
+    """A job whose sealed credentials no configured key opens can never run: fail it, loudly."""
+    logger.error("cannot decrypt repository credentials job_id=%s: EXPLOOP_SECRET_KEY lacks the key"
+                 " they were sealed with", job.id)
+    job.status, job.finished_at = "failed", utcnow()
+    job.error = "the server could not decrypt this job's repository credentials; submit the job again"
+    db.session.commit()
+    _finished(job, "failed")
+
+
 def _finished(job: Job, outcome: str) -> None:
     """Observe an attempt's duration and, for final states, the outcome."""
     if job.started_at:
@@ -349,12 +381,13 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
     if job.status != "running":
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     counts = {s: 0 for s in SEVERITIES}
+    key = vault.tenant_fingerprint_key(job.tenant_id) if any(f.get("secret_hash") for f in findings) else None
     for item in findings:
         counts[item["severity"]] += 1
-        db.session.add(Finding(job_id=job.id, fingerprint=_fingerprint(item), **{
+        fingerprint, secret_hash = vault.keyed_finding(item, _fingerprint(item), key)
+        db.session.add(Finding(job_id=job.id, fingerprint=fingerprint, secret_hash=secret_hash, **{
             k: item.get(k) for k in ("rule_id", "severity", "confidence", "path", "start_line",
-                                     "end_line", "message", "engine", "cwe", "secret_hash",
-                                     "preview", "commit")}))
+                                     "end_line", "message", "engine", "cwe", "preview", "commit")}))
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
     job.status, job.progress, job.finished_at, job.error = "completed", 100, utcnow(), None
     db.session.commit()
@@ -411,6 +444,10 @@ def retry(job: Job, actor: str) -> Job:
     if job.status not in ("failed", "cancelled"):
         raise ApiError(409, f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
                        {"status": job.status})
+    if vault.split_credentials(job.repo_url)[1] is not None and job.repo_credentials is None:
+        raise ApiError(409, f"job {job.id} cannot be retried: its repository credentials were deleted when"
+                            " it ended; the tenant must submit it again",
+                       {"reason": "credentials_deleted"})
     job.attempt += 1
     job.max_attempts = max(job.max_attempts, job.attempt)
     job.status, job.agent_id, job.finished_at, job.started_at = "pending", None, None, None
@@ -432,7 +469,8 @@ def cancel(job: Job, actor: str) -> Job:
                             " can be cancelled", {"status": job.status})
     was = job.status
     result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == was).values(
-        status="cancelled", finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
+        status="cancelled", finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}",
+        repo_credentials=None))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now

@@ -5,7 +5,7 @@ import json
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import Index, UniqueConstraint, event
 
 from .extensions import db
 
@@ -28,6 +28,8 @@ class Tenant(db.Model):
     name = db.Column(db.String(100), unique=True, nullable=False)
     key_hash = db.Column(db.String(64), unique=True, nullable=False)
     plan = db.Column(db.String(32), nullable=False, default="starter")
+    # This tenant's key for secret fingerprints (HMAC), sealed with the server key (exploop.vault).
+    fingerprint_key = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
 
 
@@ -96,7 +98,10 @@ class Job(db.Model):
     tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)
     region = db.Column(db.String(64), nullable=False)
+    # Credentials never stored in clear: the URL keeps "***" in their place and they are
+    # sealed with the server key in repo_credentials until the job reaches a final state.
     repo_url = db.Column(db.String(2048), nullable=False)
+    repo_credentials = db.Column(db.Text)
     ref = db.Column(db.String(255), nullable=False, default="HEAD")
     status = db.Column(db.String(16), nullable=False, default="pending", index=True)
     priority = db.Column(db.String(16), nullable=False, default="normal")
@@ -142,7 +147,8 @@ class Finding(db.Model):
     engine = db.Column(db.String(64), nullable=False)
     cwe = db.Column(db.String(32))
     fingerprint = db.Column(db.String(64), nullable=False)
-    # Secrets only: a hash and a masked preview; the value itself is never stored.
+    # Secrets only: a keyed hash (HMAC with the tenant's fingerprint key) and a masked
+    # preview; the value itself and its plain hash are never stored.
     secret_hash = db.Column(db.String(64))
     preview = db.Column(db.String(64))
     commit = db.Column(db.String(64))
@@ -156,3 +162,12 @@ class AuditEvent(db.Model):
     target = db.Column(db.String(255))
     detail = db.Column(db.Text)
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
+
+
+@event.listens_for(Job, "before_insert")
+@event.listens_for(Job, "before_update")
+def _forget_credentials_at_the_end(mapper, connection, job: Job) -> None:
+    """A job in a final state is never cloned again (an admin retry asks for a new submission):
+    its sealed credentials go with the same write that ends it."""
+    if job.status in FINAL_STATUSES:
+        job.repo_credentials = None

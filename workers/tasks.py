@@ -16,6 +16,7 @@ from celery.worker.request import Request
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import ScannerSettings
+from exploop.destinations import DestinationPolicy
 from exploop.routing import RUN_SCAN
 
 from .workspace import JobError, Workspace
@@ -162,8 +163,8 @@ def _scan(client: PlatformClient, spec: dict, deadline: float) -> tuple[list, di
 
     with Workspace(spec["id"], deadline, memory_limit=settings.memory_limit,
                    size_limit=settings.repo_size_limit, check=still_wanted) as workspace:
-        commit = workspace.checkout(spec["repo_url"], spec["ref"],
-                                    history=capability in NEEDS_HISTORY)
+        commit = workspace.checkout(spec["repo_url"], spec["ref"], history=capability in NEEDS_HISTORY,
+                                    destinations=DestinationPolicy.from_dict(spec.get("destinations")))
         _progress(client, spec, 30, f"checked out {commit[:12]}")
         result = workspace.run_scanner(module, *args)
         _progress(client, spec, 90, "scan finished")

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from .. import jobs
 from ..errors import ApiError
 from ..sarif import build_sarif
+from ..vault import split_credentials
 from ..extensions import db
 from ..models import Finding, Job
 from .auth import tenant_required
@@ -59,7 +60,7 @@ def create_job(data, headers):
 
 def _same_request(job: Job, data: dict) -> bool:
     """Does a replayed submission ask for what the job was created with?"""
-    return (job.repo_url == data["repo_url"].strip() and job.capability == data["capability"]
+    return (job.repo_url == split_credentials(data["repo_url"].strip(" "))[0] and job.capability == data["capability"]
             and job.ref == (data.get("ref") or "HEAD")
             and data.get("region") in (None, job.region))
 
