@@ -18,11 +18,14 @@ from sqlalchemy import create_engine
 from exploop import create_app
 from exploop.app import init_db
 from exploop.extensions import db
+from exploop.keyring import generate_key
 from exploop.models import AdminToken, Tenant
 from exploop.procs import Child, free_port, script, start_redis, wait_http
 from exploop.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 
 PG_URL = os.environ.get("EXPLOOP_TEST_DATABASE_URL")
+#: The server key of every test API (credentials in repository URLs need one).
+TEST_SECRET_KEY = generate_key()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +71,7 @@ def database_url(tmp_path):
 @pytest.fixture
 def app_config(database_url, redis_url):
     return {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "REDIS_URL": redis_url,
-            "ALLOW_LOCAL_REPOS": True, "REGIONS": "us-east-1"}
+            "ALLOW_LOCAL_REPOS": True, "REGIONS": "us-east-1", "SECRET_KEY": TEST_SECRET_KEY}
 
 
 @pytest.fixture
@@ -127,7 +130,8 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, EXPLOOP_SQLALCHEMY_DATABASE_URI=database_url,
                         EXPLOOP_REDIS_URL=redis_url, EXPLOOP_ALLOW_LOCAL_REPOS="true",
-                        EXPLOOP_REGIONS="us-east-1", **(extra_env or {}))
+                        EXPLOOP_REGIONS="us-east-1", EXPLOOP_SECRET_KEY=TEST_SECRET_KEY,
+                        **(extra_env or {}))
         self.api = None
         self.controller = None
         self.agents: list[Child] = []
