@@ -52,11 +52,6 @@ def _need_key(ring, what: str):
 
 
 def upgrade():
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('repo_credentials', sa.Text(), nullable=True))
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('fingerprint_key', sa.Text(), nullable=True))
-
     from exploop.keyring import keyed_hash
     from exploop.vault import split_credentials
 
@@ -66,27 +61,33 @@ def upgrade():
     tenants = sa.table('tenants', sa.column('id'), sa.column('fingerprint_key'))
     findings = sa.table('findings', sa.column('id'), sa.column('job_id'), sa.column('secret_hash'),
                         sa.column('fingerprint'))
-    ring = None
-
+    # Decide before any DDL (SQLite's is not transactional) whether the key is needed.
+    moves = []
     for job_id, url, status in bind.execute(sa.select(jobs.c.id, jobs.c.repo_url, jobs.c.status)).all():
         shown, userinfo = split_credentials(url)
-        if userinfo is None or shown == url:
-            continue
-        sealed = None
-        if status not in FINAL:
-            ring = ring or _need_key(_keyring(), "repository credentials of waiting or running jobs")
-            sealed = ring.encrypt(userinfo)
-        bind.execute(sa.update(jobs).where(jobs.c.id == job_id)
-                     .values(repo_url=shown, repo_credentials=sealed))
-
+        if userinfo is not None and shown != url:
+            moves.append((job_id, shown, userinfo if status not in FINAL else None))
     rows = bind.execute(sa.select(findings.c.id, findings.c.secret_hash, findings.c.fingerprint,
                                   jobs.c.tenant_id)
                         .select_from(findings.join(jobs, jobs.c.id == findings.c.job_id))
                         .where(findings.c.secret_hash.is_not(None))).all()
+    ring = None
+    if any(userinfo for _, _, userinfo in moves):
+        ring = _need_key(_keyring(), "repository credentials of waiting or running jobs")
+    if rows:
+        ring = _need_key(_keyring(), "fingerprints of secret findings")
+
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('repo_credentials', sa.Text(), nullable=True))
+    with op.batch_alter_table('tenants', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('fingerprint_key', sa.Text(), nullable=True))
+
+    for job_id, shown, userinfo in moves:
+        bind.execute(sa.update(jobs).where(jobs.c.id == job_id).values(
+            repo_url=shown, repo_credentials=ring.encrypt(userinfo) if userinfo else None))
     keys = {}
     for finding_id, plain_hash, fingerprint, tenant_id in rows:
         if tenant_id not in keys:
-            ring = ring or _need_key(_keyring(), "fingerprints of secret findings")
             sealed = ring.new_tenant_key()
             bind.execute(sa.update(tenants).where(tenants.c.id == tenant_id).values(fingerprint_key=sealed))
             keys[tenant_id] = ring.decrypt(sealed)
