@@ -150,7 +150,8 @@ def test_secret_fingerprints_are_keyed_per_tenant_and_stable_within_one(app, cli
     assert not {value for pair in stored for value in pair} & unkeyed
 
 
-@pytest.mark.parametrize("bad", ["https://github.com/a\nINFO forged line", "https://github.com/a\r", "https://github.com/\tx",
+@pytest.mark.parametrize("bad", ["https://github.com/a\nINFO forged line", "https://github.com/a\r",
+                                 "https://github.com/\tx",
                                  "https://github.com/a\x1b[2J", "https://github.com/a\u2028b",
                                  "https://github.com/a b", "https://github.com/a\x85"])
 def test_control_characters_in_urls_are_refused(client, tenant_key, bad):
