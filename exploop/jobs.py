@@ -18,11 +18,11 @@ from urllib.parse import urlparse
 from flask import current_app
 from sqlalchemy import func, select, update
 
+from . import vault
 from .celery_app import declare_queue
 from .config import CAPABILITIES, parse_duration
 from .destinations import DestinationRefused, repo_host
 from .errors import ApiError
-from . import vault
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event

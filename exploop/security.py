@@ -52,7 +52,7 @@ def security_event(kind: str, audience: str, detail: str = "") -> None:
     logger.warning("security event kind=%s audience=%s %s", kind, audience, detail)
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")  # up to the last @ of the authority, as git reads it
 
 
 def redact_url(url: str) -> str:

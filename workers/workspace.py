@@ -50,7 +50,7 @@ class RepoTooLarge(JobError):
 
 def redact_url(url: str) -> str:
     """Hide credentials in a URL (``https://user:token@host`` -> ``https://***@host``)."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
+    return re.sub(r"(?<=://)[^/?#\s]*@", "***@", url)  # up to the last @ of the authority
 
 
 def minimal_env(home: str, tmp: str | None = None) -> dict[str, str]:

@@ -144,3 +144,14 @@ def test_text_logs_escape_control_characters():
 def test_clone_errors_are_one_clear_sentence(output, sentence, retry):
     error = clone_error(output, "S", "nope")
     assert (str(error), error.retry) == (sentence, retry)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://u:p@ss@host/a@b", "https://***@host/a@b"),
+    ("https://host/a@b", "https://host/a@b"),
+    ("https://tok@host/x", "https://***@host/x"),
+])
+def test_redaction_hides_credentials_up_to_the_last_at_of_the_authority(url, shown):
+    from exploop.security import redact_url
+    from workers.workspace import redact_url as agent_redact
+    assert redact_url(url) == agent_redact(url) == shown
