@@ -281,3 +281,16 @@ def test_migration_0003_seals_and_keys_existing_rows(app_config):
         db.session.remove()
         db.engine.dispose()
     app.extensions["redis"].close()
+
+
+def test_a_job_whose_credentials_no_key_opens_fails_with_a_clear_error(app, app_config, client, admin_token,
+                                                                        tenant_key):
+    agent = new_agent(client, admin_token)
+    job_id = submit(client, tenant_key).json["id"]
+    other = create_app(dict(app_config, SECRET_KEY=generate_key()))  # the old key was dropped too early
+    reply = other.test_client().post(f"/platform/jobs/{job_id}/claim", headers=agent, json={"attempt": 1})
+    assert reply.status_code == 409 and reply.json["detail"]["reason"] == "stale"
+    job = row(app, job_id)
+    assert job.status == "failed" and job.repo_credentials is None
+    assert job.error == "the server could not decrypt this job's repository credentials; submit the job again"
+    other.extensions["redis"].close()
