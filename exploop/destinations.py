@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 
 from .config import ConfigError
 
-__all__ = ["DestinationPolicy", "DestinationRefused", "repo_host", "METADATA_ADDRESSES"]
+__all__ = ["DestinationPolicy", "DestinationRefused", "repo_host", "resolve_for_submit", "METADATA_ADDRESSES"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -93,6 +95,29 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
         if address not in found:
             found.append(address)
     return found
+
+
+#: Submit-time lookups are remembered this long: a burst of submissions for one host costs one
+#: lookup. Never used by agents, whose check right before the fetch is always fresh.
+SUBMIT_CACHE_SECONDS = 30.0
+_SUBMIT_CACHE_SIZE = 1024
+_submit_cache: dict[tuple[str, int], tuple[float, list[IPAddress]]] = {}
+_submit_cache_lock = threading.Lock()
+
+
+def resolve_for_submit(host: str, port: int) -> list[IPAddress]:
+    """:func:`_resolve` with a short per-process cache, for the API's check at submit."""
+    now = time.monotonic()
+    with _submit_cache_lock:
+        hit = _submit_cache.get((host, port))
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    addresses = _resolve(host, port)
+    with _submit_cache_lock:
+        if len(_submit_cache) >= _SUBMIT_CACHE_SIZE:
+            _submit_cache.clear()
+        _submit_cache[(host, port)] = (now + SUBMIT_CACHE_SECONDS, addresses)
+    return addresses
 
 
 def _parse(raw: str | None, name: str) -> tuple[tuple[str, ...], tuple[IPNetwork, ...]]:

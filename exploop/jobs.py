@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from . import vault
 from .celery_app import declare_queue
 from .config import CAPABILITIES, parse_duration
-from .destinations import DestinationRefused, repo_host
+from .destinations import DestinationRefused, repo_host, resolve_for_submit
 from .errors import ApiError
 from .extensions import db
 from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
@@ -56,7 +56,7 @@ def validate_repo_url(url: str) -> str:
     try:
         host = repo_host(url)
         if host is not None:
-            current_app.extensions["destinations"].check(*host, unresolved_ok=True)
+            current_app.extensions["destinations"].check(*host, unresolved_ok=True, resolve=resolve_for_submit)
     except DestinationRefused as exc:
         raise ApiError(400, str(exc), {"repo_url": ["refused by the repository destination policy"]}) from None
     return url

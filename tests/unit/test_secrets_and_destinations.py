@@ -155,3 +155,17 @@ def test_redaction_hides_credentials_up_to_the_last_at_of_the_authority(url, sho
     from exploop.security import redact_url
     from workers.workspace import redact_url as agent_redact
     assert redact_url(url) == agent_redact(url) == shown
+
+
+def test_submit_lookups_are_cached_briefly_and_agent_lookups_never(monkeypatch):
+    from exploop import destinations
+    calls = []
+    monkeypatch.setattr(destinations, "_resolve", lambda host, port: calls.append(host) or [])
+    monkeypatch.setattr(destinations, "_submit_cache", {})
+    for _ in range(3):
+        assert destinations.resolve_for_submit("burst.example", 443) == []
+    assert calls == ["burst.example"]
+    monkeypatch.setattr(destinations, "SUBMIT_CACHE_SECONDS", 0.0)
+    destinations.resolve_for_submit("fresh.example", 443)
+    destinations.resolve_for_submit("fresh.example", 443)
+    assert calls == ["burst.example", "fresh.example", "fresh.example"]
