@@ -104,6 +104,14 @@ def server_defaults() -> dict:
         "JOB_TOKEN_GRACE": "10m",
         # Accept file:// repository URLs (local stacks and tests only).
         "ALLOW_LOCAL_REPOS": False,
+        # The server key (EXPLOOP_SECRET_KEY: Fernet keys, newest first, comma separated) or a file
+        # holding them: seals repository credentials and keys secret fingerprints (docs/security.md).
+        "SECRET_KEY": None,
+        "SECRET_KEY_FILE": None,
+        # Repository destination policy: exceptions to "public addresses only" (hosts, *.suffix
+        # patterns, CIDRs), and destinations refused whatever they resolve to.
+        "REPO_DESTINATIONS_ALLOW": "",
+        "REPO_DESTINATIONS_DENY": "",
         # Bounds on the lease TTL an agent may ask for (3 x its heartbeat interval).
         "LEASE_TTL_MIN": "3s",
         "LEASE_TTL_MAX": "10m",

@@ -5,7 +5,7 @@ import re
 
 __all__ = ["redact_url"]
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")  # up to the last @ of the authority, as git reads it
 
 
 def redact_url(url: str) -> str:

@@ -14,7 +14,7 @@ from exploop.api.app import create_app, init_db
 from exploop.core.extensions import db
 from exploop.run.children import free_port, start_redis
 from tests.support.databases import add_admin_token, add_tenant, fresh_database_url
-from tests.support.stack import RestartableRedis, Stack
+from tests.support.stack import TEST_SECRET_KEY, RestartableRedis, Stack
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def database_url(tmp_path):
 @pytest.fixture
 def app_config(database_url, redis_url):
     return {"TESTING": True, "SQLALCHEMY_DATABASE_URI": database_url, "REDIS_URL": redis_url,
-            "ALLOW_LOCAL_REPOS": True, "REGIONS": "us-east-1"}
+            "ALLOW_LOCAL_REPOS": True, "REGIONS": "us-east-1", "SECRET_KEY": TEST_SECRET_KEY}
 
 
 @pytest.fixture

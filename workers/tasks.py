@@ -21,6 +21,7 @@ from celery.worker.request import Request
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import ScannerSettings
+from exploop.destinations import DestinationPolicy
 from exploop.routing import RUN_SCAN
 
 from .lease_manager import KEY_REFUSED_SIGNAL
@@ -230,8 +231,8 @@ def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> 
                    memory_limit=settings.memory_limit,
                    size_limit=settings.repo_size_limit, check=still_wanted,
                    mirrors=_mirror_cache(settings)) as workspace:
-        commit = workspace.checkout(spec["repo_url"], spec["ref"],
-                                    history=capability in NEEDS_HISTORY)
+        commit = workspace.checkout(spec["repo_url"], spec["ref"], history=capability in NEEDS_HISTORY,
+                                    destinations=DestinationPolicy.from_dict(spec.get("destinations")))
         checkout_seconds = round(time.monotonic() - started, 3)
         _progress(client, spec, 30, f"checked out {commit[:12]}", runtime)
         result = workspace.run_scanner(module, *args)

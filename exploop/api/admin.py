@@ -179,7 +179,7 @@ def list_tokens(args):
 
 
 @bp.post("/tokens/<int(max=2147483647):token_id>/revoke")
-@bp.arguments(TokenRevoke())
+@bp.arguments(TokenRevoke(), required=False)
 @bp.response(200, TokenOut)
 @bp.errors(404)
 @admin_required("admin")

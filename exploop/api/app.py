@@ -19,9 +19,12 @@ from ..broker import Broker, Brokers, KeyLayout, is_sentinel, parse_region_broke
 from ..celery_app import make_celery
 from ..config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from ..core.extensions import db, migrate
+from ..core.keyring import load_keyring
 from ..core.leases import LeaseStore
 from ..core.migrate import upgrade
 from ..core.throttle import AuthThrottle
+from ..core.vault import check_keyring
+from ..destinations import DestinationPolicy
 from ..metrics import REQUEST_LATENCY
 from ..routing import queue_for
 from . import Api, admin, health, platform, tenants
@@ -53,6 +56,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["redis_reads"] = reads
     app.extensions["lease_reads"] = LeaseStore(reads)
     app.extensions["auth_throttle"] = _auth_throttle(app, client)
+    app.extensions["keyring"] = load_keyring(app.config)
+    app.extensions["destinations"] = DestinationPolicy.from_config(app.config)
     parse_duration(app.config["MAX_POLL_TIMEOUT"], "EXPLOOP_MAX_POLL_TIMEOUT")
     time_limit = parse_duration(app.config["JOB_TIME_LIMIT"], "EXPLOOP_JOB_TIME_LIMIT")
     celery_conf = {k.lower(): v for k, v in app.config["CELERY"].items()}
@@ -203,6 +208,7 @@ def init_db(app: Flask) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     upgrade(app)
+    check_keyring(app)  # stored credentials no configured key opens: refuse to start
 
 
 def _broker(app: Flask, url: str, client: redis.Redis, regions: list[str], time_limit: float,

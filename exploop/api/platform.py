@@ -6,9 +6,10 @@ import time
 from flask import current_app, g, request
 
 from ..config import parse_duration
-from ..core import fleet, handouts, jobs
+from ..core import fleet, handouts, jobs, vault
 from ..core.exceptions import ApiError
 from ..core.extensions import db
+from ..core.keyring import InvalidToken
 from ..core.security import AGENT_PREFIX, hash_token
 from ..routing import queues_for
 from ..vocabulary import DesiredState
@@ -161,7 +162,15 @@ def claim(body, job_id):
         if handout is not None and isinstance(exc.detail, dict) and exc.detail.get("reason") == "draining":
             handouts.put_back(handout, broker)  # a draining agent's job is for another agent
         raise
-    return Extended(job, job_token=token)
+    try:
+        repo_url = vault.agent_repo_url(job)
+    except InvalidToken:
+        jobs.fail_unreadable_credentials(job)
+        raise ApiError(409, f"job {job_id} attempt {body['attempt']} is not claimable",
+                       {"reason": "stale", "status": job.status, "attempt": job.attempt}) from None
+    # The only place a credential leaves the database: to the agent holding this attempt.
+    return Extended(job, job_token=token, repo_url=repo_url,
+                    destinations=current_app.extensions["destinations"].to_dict())
 
 
 def job_token() -> str | None:

@@ -331,10 +331,14 @@ class ClaimOut(Strict):
     attempt = fields.Integer()
     capability = fields.String()
     region = fields.String()
-    repo_url = fields.String()
+    repo_url = fields.String(metadata={"description": "with the tenant's credentials, if any: for this"
+                                                      " attempt's fetch only, never to be logged"})
     ref = fields.String()
     time_limit = fields.Integer()
     max_attempts = fields.Integer()
+    destinations = fields.Dict(metadata={"description": "the repository destination policy's exceptions"
+                                                        " (allow, deny: hosts, *.suffix patterns, CIDRs);"
+                                                        " checked again right before the fetch"})
 
 
 class ProgressIn(AttemptIn):

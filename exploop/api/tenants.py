@@ -13,6 +13,7 @@ from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.models import Finding, Job
 from ..core.sarif import build_sarif
+from ..core.vault import split_credentials
 from ..vocabulary import JobStatus
 from . import Blueprint
 from .auth import tenant_required
@@ -83,7 +84,7 @@ def create_job(data, headers):
 
 def _same_request(job: Job, data: dict) -> bool:
     """Does a replayed submission ask for what the job was created with?"""
-    return (job.repo_url == data["repo_url"].strip() and job.capability == data["capability"]
+    return (job.repo_url == split_credentials(data["repo_url"].strip(" "))[0] and job.capability == data["capability"]
             and job.ref == (data.get("ref") or "HEAD")
             and data.get("region") in (None, job.region))
 

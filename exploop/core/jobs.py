@@ -25,9 +25,11 @@ from sqlalchemy.engine import CursorResult
 
 from ..celery_app import declare_queue
 from ..config import parse_duration
+from ..destinations import DestinationRefused, repo_host, resolve_for_submit
 from ..metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS, UNSERVED_SUBMITS
 from ..routing import RUN_SCAN, queue_for
 from ..vocabulary import ADMITTED_STATUSES, FINAL_STATUSES, SEVERITIES, UNFINISHED_STATUSES, DesiredState, JobStatus
+from . import vault
 from .exceptions import ApiError
 from .extensions import db
 from .models import Agent, Finding, Job, Tenant, utcnow
@@ -43,11 +45,30 @@ __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete"
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
 
+#: Control characters (C0, DEL, C1, Unicode line breaks) and whitespace: a URL never needs
+#: them (spaces are %20), and a newline in a logged value forges log lines.
+_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029]")
+
+
 def validate_repo_url(url: str) -> str:
-    """Accept https and ssh URLs (and file:// when local repos are allowed)."""
-    url = url.strip()
-    if _SCP_LIKE.match(url):  # git@github.com:org/repo.git
-        return url
+    """Accept https and ssh URLs (and file:// when local repos are allowed) whose host the
+    destination policy allows."""
+    url = url.strip(" ")
+    if _CONTROL.search(url):
+        raise ApiError(400, "repository URL contains whitespace or control characters",
+                       {"repo_url": ["control characters and whitespace are not allowed (encode spaces as %20)"]})
+    if not _SCP_LIKE.match(url):  # git@github.com:org/repo.git needs no scheme check
+        _check_scheme(url)
+    try:
+        host = repo_host(url)
+        if host is not None:
+            current_app.extensions["destinations"].check(*host, unresolved_ok=True, resolve=resolve_for_submit)
+    except DestinationRefused as exc:
+        raise ApiError(400, str(exc), {"repo_url": ["refused by the repository destination policy"]}) from None
+    return url
+
+
+def _check_scheme(url: str) -> None:
     parsed = urlparse(url)
     allowed = {"https", "ssh"}
     if current_app.config["ALLOW_LOCAL_REPOS"]:
@@ -59,7 +80,6 @@ def validate_repo_url(url: str) -> str:
         raise ApiError(400, "repository URL has no host", {"repo_url": ["missing host"]})
     if parsed.scheme == "file" and not parsed.path:
         raise ApiError(400, "repository URL has no path", {"repo_url": ["missing path"]})
-    return url
 
 
 def known_regions() -> set[str]:
@@ -149,6 +169,7 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
         region = choose_region(capability)
     config = current_app.config
     repo_url = validate_repo_url(data["repo_url"])
+    shown_url, sealed_credentials = vault.seal_repo_url(repo_url)
     limits = plan_limits(tenant)
     counts = status_counts(tenant.id)
     waiting = counts.get(JobStatus.PENDING, 0) + counts.get(JobStatus.QUEUED, 0)
@@ -164,7 +185,8 @@ def submit(tenant: Tenant, data: dict, idempotency_key: str | None) -> tuple[Job
     priority = data.get("priority") or "normal"
     now = utcnow()
     job = Job(tenant_id=tenant.id, capability=capability, region=region,
-              repo_url=repo_url, ref=data.get("ref") or "HEAD", priority=priority,
+              repo_url=shown_url, repo_credentials=sealed_credentials, ref=data.get("ref") or "HEAD",
+              priority=priority,
               admission_key=admission_key(now, priority), created_at=now,
               status=JobStatus.QUEUED if admit else JobStatus.PENDING, queued_at=now if admit else None,
               max_attempts=int(config["JOB_MAX_ATTEMPTS"]),
@@ -419,6 +441,16 @@ def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = Non
     return job, token
 
 
+def fail_unreadable_credentials(job: Job) -> None:
+    """A job whose sealed credentials no configured key opens can never run: fail it, loudly."""
+    logger.error("cannot decrypt repository credentials job_id=%s: EXPLOOP_SECRET_KEY lacks the key"
+                 " they were sealed with", job.id)
+    job.status, job.finished_at = "failed", utcnow()
+    job.error = "the server could not decrypt this job's repository credentials; submit the job again"
+    db.session.commit()
+    _finished(job, "failed")
+
+
 def _finished(job: Job, outcome: str) -> None:
     """Observe an attempt's duration and, for final states, the outcome."""
     if job.started_at:
@@ -469,12 +501,13 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
     if job.status != JobStatus.RUNNING:
         raise ApiError(409, f"job {job_id} is {job.status}", {"status": job.status})
     counts = {s: 0 for s in SEVERITIES}
+    key = vault.tenant_fingerprint_key(job.tenant_id) if any(f.get("secret_hash") for f in findings) else None
     for item in findings:
         counts[item["severity"]] += 1
-        db.session.add(Finding(job_id=job.id, fingerprint=_fingerprint(item), **{
+        fingerprint, secret_hash = vault.keyed_finding(item, _fingerprint(item), key)
+        db.session.add(Finding(job_id=job.id, fingerprint=fingerprint, secret_hash=secret_hash, **{
             k: item.get(k) for k in ("rule_id", "severity", "confidence", "path", "start_line",
-                                     "end_line", "message", "engine", "cwe", "secret_hash",
-                                     "preview", "commit")}))
+                                     "end_line", "message", "engine", "cwe", "preview", "commit")}))
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
     job.incomplete_json = json.dumps([{k: item.get(k) for k in ("path", "ecosystem", "reason")}
                                       for item in incomplete]) if incomplete else None
@@ -533,6 +566,10 @@ def retry(job: Job, actor: str) -> Job:
     if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise ApiError(409, f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
                        {"status": job.status})
+    if vault.split_credentials(job.repo_url)[1] is not None and job.repo_credentials is None:
+        raise ApiError(409, f"job {job.id} cannot be retried: its repository credentials were deleted when"
+                            " it ended; the tenant must submit it again",
+                       {"reason": "credentials_deleted"})
     job.attempt += 1
     job.max_attempts = max(job.max_attempts, job.attempt)
     job.status, job.agent_id, job.finished_at, job.started_at = JobStatus.PENDING, None, None, None
@@ -554,7 +591,8 @@ def cancel(job: Job, actor: str) -> Job:
                             " can be cancelled", {"status": job.status})
     was = job.status
     result = _execute(update(Job).where(Job.id == job.id, Job.status == was).values(
-        status=JobStatus.CANCELLED, finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
+        status=JobStatus.CANCELLED, finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}",
+        repo_credentials=None))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now

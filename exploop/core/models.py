@@ -9,10 +9,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from ..vocabulary import DesiredState, JobStatus
+from ..vocabulary import FINAL_STATUSES, DesiredState, JobStatus
 from .extensions import Base, db
 
 __all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "Finding", "AuditEvent"]
@@ -34,6 +34,8 @@ class Tenant(Model):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     plan: Mapped[str] = mapped_column(String(32), default="starter")
+    # This tenant's key for secret fingerprints (HMAC), sealed with the server key (core.vault).
+    fingerprint_key: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -117,6 +119,9 @@ class Job(Model):
     capability: Mapped[str] = mapped_column(String(16))
     region: Mapped[str] = mapped_column(String(64))
     repo_url: Mapped[str] = mapped_column(String(2048))
+    # Credentials never stored in clear: the URL keeps "***" in their place and they are
+    # sealed with the server key in repo_credentials until the job reaches a final state.
+    repo_credentials: Mapped[str | None] = mapped_column(Text)
     ref: Mapped[str] = mapped_column(String(255), default="HEAD")
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING.value, index=True)
     priority: Mapped[str] = mapped_column(String(16), default="normal")
@@ -171,7 +176,8 @@ class Finding(Model):
     engine: Mapped[str] = mapped_column(String(64))
     cwe: Mapped[str | None] = mapped_column(String(32))
     fingerprint: Mapped[str] = mapped_column(String(64))
-    # Secrets only: a hash and a masked preview; the value itself is never stored.
+    # Secrets only: a keyed hash (HMAC with the tenant's fingerprint key) and a masked
+    # preview; the value itself and its plain hash are never stored.
     secret_hash: Mapped[str | None] = mapped_column(String(64))
     preview: Mapped[str | None] = mapped_column(String(64))
     commit: Mapped[str | None] = mapped_column(String(64))
@@ -185,3 +191,12 @@ class AuditEvent(Model):
     target: Mapped[str | None] = mapped_column(String(255))
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+@event.listens_for(Job, "before_insert")
+@event.listens_for(Job, "before_update")
+def _forget_credentials_at_the_end(mapper, connection, job: Job) -> None:
+    """A job in a final state is never cloned again (an admin retry asks for a new submission):
+    its sealed credentials go with the same write that ends it."""
+    if job.status in FINAL_STATUSES:
+        job.repo_credentials = None

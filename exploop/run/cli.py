@@ -27,9 +27,9 @@ def _app(config: dict | None = None):
     from ..api.app import create_app, init_db
     try:
         app = create_app(config)
+        init_db(app)  # also refuses to start when stored credentials no configured key opens
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    init_db(app)
     return app
 
 
@@ -155,6 +155,30 @@ def create_admin_token(name, role):
     where = make_url(app.config["SQLALCHEMY_DATABASE_URI"]).render_as_string(hide_password=True)
     click.echo(token)
     click.echo(f"admin token for {name!r} (role {role}) in {where}; shown once, store it safely", err=True)
+
+
+@main.command("generate-secret-key")
+def generate_secret_key():
+    """Print a new random server key for EXPLOOP_SECRET_KEY (keep it out of the database and logs)."""
+    from ..core.keyring import generate_key
+    click.echo(generate_key())
+
+
+@main.command("rotate-secrets")
+def rotate_secrets():
+    """Re-encrypt every stored credential under the newest EXPLOOP_SECRET_KEY (put the new key first).
+
+    Idempotent and resumable, safe while the API runs; afterwards the old keys can be removed.
+    """
+    from ..core.vault import rotate_all
+    app = _app()
+    with app.app_context():
+        try:
+            counts = rotate_all()
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"re-encrypted {counts['rotated']}, already under the newest key {counts['current']},"
+               f" changed meanwhile {counts['changed_meanwhile']}")
 
 
 @main.command()

@@ -89,6 +89,8 @@ class LocalStack:
                    EXPLOOP_SQLALCHEMY_DATABASE_URI=f"sqlite:///{self.dir / 'exploop.db'}",
                    EXPLOOP_ALLOW_LOCAL_REPOS="true",
                    EXPLOOP_REGIONS=REGION)
+        if not (os.environ.get("EXPLOOP_SECRET_KEY") or os.environ.get("EXPLOOP_SECRET_KEY_FILE")):
+            env["EXPLOOP_SECRET_KEY_FILE"] = str(self._secret_key_file())
         self.env, self.redis_url = env, redis_url
         creds = self._credentials()
         api = self._spawn("api", [script("exploop"), "api", "--port", str(self.api_port),
@@ -134,6 +136,16 @@ class LocalStack:
         child = Child(name, cmd, env=env, log_path=self.logs / f"{name}.log")
         self.children.append(child)
         return child
+
+    def _secret_key_file(self) -> Path:
+        """The local stack's server key (made once, mode 0600), beside its database."""
+        from ..core.keyring import generate_key
+        path = self.dir / "secret.key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(generate_key() + "\n")
+        return path
 
     def _credentials(self) -> dict:
         """The local admin token and demo tenant key, created once and kept 0600."""

@@ -167,8 +167,8 @@ def test_bad_input_fails_clearly_and_agent_keeps_working(tmp_path, database_url,
             assert job["status"] == "failed", job
             return job["error"]
 
-        assert failed("file:///nonexistent/repo", "secrets").startswith(
-            "repository file:///nonexistent/repo could not be cloned:")
+        assert failed("file:///nonexistent/repo", "secrets") == (
+            "repository file:///nonexistent/repo was not found (or the credentials given cannot see it)")
         assert failed(f"file://{good}", "sast", ref="no-such-branch") == \
             f"ref 'no-such-branch' not found in file://{good}"
         assert failed(f"file://{good}", "sca") == (  # the agent's directory is not named to the tenant

@@ -3,10 +3,13 @@ not in any log line of the API, the agent or the controller, after a full end-to
 secrets job (real processes, debug logging everywhere)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from sqlalchemy import MetaData, create_engine, select
 
 from exploop.run.children import Child, script, wait_http
 from tests.support.databases import PG_URL
+from tests.support.git_server import PrivateGitHost
 from tests.support.stack import Stack, auth, make_git_repo
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +65,19 @@ def _database_text(database_url: str) -> bytes:
                 chunks.append(repr(tuple(row)))
     engine.dispose()
     return "\n".join(chunks).encode()
+
+
+def _database_places(database_url: str) -> dict[str, bytes]:
+    """Every row of every table, and with SQLite the bytes of every file it keeps."""
+    places = {"database rows": _database_text(database_url)}
+    if not PG_URL:
+        path = database_url[len("sqlite:///"):]
+        # Fold the write-ahead log into the file, then read every file SQLite keeps.
+        sqlite3.connect(path).execute("PRAGMA wal_checkpoint(TRUNCATE)").close()
+        for suffix in ("", "-wal", "-journal"):
+            if os.path.exists(path + suffix):
+                places[f"database file{suffix}"] = Path(path + suffix).read_bytes()
+    return places
 
 
 def _redis_text(url: str) -> bytes:
@@ -148,18 +165,11 @@ def test_no_secret_in_database_redis_or_logs(tmp_path, database_url, redis_url):
                "bootstrap token": bootstrap, "AWS key id": AWS_KEY_ID, "AWS secret": AWS_SECRET,
                "GitHub token": GITHUB_TOKEN, "password": DB_PASSWORD}
 
-    # Not yet in the database check: the job keeps its repository URL, token included, so
-    # that a requeued attempt can clone again (encrypting it at rest is still to do).
-    at_rest = dict(secrets)
+    # Everything a tenant gave is checked everywhere; the platform's own credentials are
+    # stored hashed (their hashes are no secret), so only their values are checked.
     secrets["repository token"] = REPO_TOKEN
-    places: dict[str, bytes] = {"redis": redis_dump, "database rows": _database_text(database_url)}
-    if not PG_URL:
-        path = database_url[len("sqlite:///"):]
-        # Fold the write-ahead log into the file, then read every file SQLite keeps.
-        sqlite3.connect(path).execute("PRAGMA wal_checkpoint(TRUNCATE)").close()
-        for suffix in ("", "-wal", "-journal"):
-            if os.path.exists(path + suffix):
-                places[f"database file{suffix}"] = Path(path + suffix).read_bytes()
+    at_rest = dict(secrets)
+    places: dict[str, bytes] = {"redis": redis_dump, **_database_places(database_url)}
     logs = {p.name: p.read_bytes() for p in tmp_path.glob("*.log")}
     assert {"api.log", "controller.log", "agent-0.log"} <= set(logs)
     for name in ("api.log", "agent-0.log"):
@@ -172,4 +182,76 @@ def test_no_secret_in_database_redis_or_logs(tmp_path, database_url, redis_url):
     leaks = [f"{what} in {where}" for what, value in secrets.items()
              for where, data in places.items() if value.encode() in data
              and (where.startswith("log") or what in at_rest)]
+    assert leaks == []
+
+
+# A private repository's password, given in the URL; the host is a loopback HTTPS git server.
+PRIVATE_PASSWORD = "s3cr3t-Pr1vate-Repo-Passw0rd"
+
+
+def _unkeyed_values(checkout: Path) -> dict[str, str]:
+    """What the agent's scanner sends for the planted secrets: plain SHA-256 hashes and the
+    fingerprints made from them. None of it may be stored as is."""
+    out = subprocess.run([sys.executable, "-m", "workers.scanners.secrets", str(checkout)], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    values = {}
+    for finding in json.loads(out)["findings"]:
+        values[f"plain hash {finding['rule_id']}"] = finding["secret_hash"]
+        values[f"scanner fingerprint {finding['rule_id']}"] = finding["fingerprint"]
+        values[f"unkeyed stored fingerprint {finding['rule_id']}"] = hashlib.sha256(
+            finding["fingerprint"].encode()).hexdigest()[:32]
+    assert len(values) >= 9, values
+    return values
+
+
+def test_private_repository_retry_leaves_nothing_readable(tmp_path, database_url, redis_url):
+    """A scan of a private repository over HTTPS with credentials in the URL, whose first
+    attempt fails (the host answers 503): the retry clones with the same credentials, and
+    afterwards no credential, planted secret or unkeyed hash of either is in any table and
+    column, any log line or any Redis key."""
+    source = tmp_path / "private-src"
+    make_git_repo(source, {"README.md": "private\n",
+                           "app/settings.py": (f'AWS_ACCESS_KEY_ID = "{AWS_KEY_ID}"\n'
+                                               f'aws_secret_access_key = "{AWS_SECRET}"\n'
+                                               f'GITHUB_TOKEN = "{GITHUB_TOKEN}"\n'
+                                               f'db_password = "{DB_PASSWORD}"\n')})
+    (tmp_path / "git-root").mkdir()
+    with PrivateGitHost(tmp_path / "git-root", tmp_path, "oauth2", PRIVATE_PASSWORD) as host:
+        url = host.publish("app.git", source).replace("https://", f"https://oauth2:{PRIVATE_PASSWORD}@")
+        stack = VerboseStack(tmp_path, database_url, redis_url,
+                             extra_env={"EXPLOOP_REPO_DESTINATIONS_ALLOW": "127.0.0.1/32"})
+        try:
+            stack.start_api()
+            stack.start_controller()
+            tenant = stack.tenant("acme")
+            stack.start_agent(LOG_LEVEL="debug", GIT_SSL_CAINFO=str(host.cert))
+            stack.wait_agent_online()
+            host.fail_next = 1  # the first attempt's fetch gets a 503
+            reply = requests.post(f"{stack.url}/api/v1/jobs", headers=auth(tenant), timeout=10, json={
+                "repo_url": url, "ref": "main", "capability": "secrets", "region": "us-east-1"})
+            assert reply.status_code == 201, reply.text
+            job = stack.wait_job(tenant, reply.json()["id"], timeout=120)
+            assert job["status"] == "completed" and job["attempt"] == 2, job
+            assert job["repo_url"] == f"https://***@127.0.0.1:{host.port}/app.git"
+            assert host.authorized_fetches() >= 1 and host.fail_next == 0
+            findings = requests.get(f"{stack.url}/api/v1/jobs/{job['id']}/findings", headers=auth(tenant),
+                                    timeout=10).json()["items"]
+            assert {"secrets.aws-access-key", "secrets.github-token"} <= {f["rule_id"] for f in findings}
+            time.sleep(1.5)  # a few more debug-logged lease renewals
+            redis_dump = _redis_text(redis_url)
+        finally:
+            stack.stop()
+
+    basic = base64.b64encode(f"oauth2:{PRIVATE_PASSWORD}".encode()).decode()
+    secrets = {"repository password": PRIVATE_PASSWORD, "basic auth header": basic,
+               "AWS key id": AWS_KEY_ID, "AWS secret": AWS_SECRET, "GitHub token": GITHUB_TOKEN,
+               "password": DB_PASSWORD}
+    for name, value in list(secrets.items()):
+        secrets[f"sha256 of {name}"] = hashlib.sha256(value.encode()).hexdigest()
+    secrets.update(_unkeyed_values(source))
+    places = {"redis": redis_dump, **_database_places(database_url)}
+    places.update({f"log {p.name}": p.read_bytes() for p in tmp_path.glob("*.log")})
+    assert b"job requeued" in places["log api.log"] or b"job requeued" in places["log controller.log"]
+    leaks = [f"{what} in {where}" for what, value in secrets.items()
+             for where, data in places.items() if value.encode() in data]
     assert leaks == []

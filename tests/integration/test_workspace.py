@@ -90,7 +90,8 @@ def test_bad_repository_and_ref(tmp_path):
     src = tmp_path / "src"
     commit(src, {"a.txt": "1\n"})
     with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
-        with pytest.raises(JobError, match=r"repository file:///nonexistent/repo could not be cloned"):
+        with pytest.raises(JobError, match=r"^repository file:///nonexistent/repo was not found \(or the "
+                                           r"credentials given cannot see it\)$"):
             ws.checkout("file:///nonexistent/repo", "main")
     with Workspace("job", time.monotonic() + 60, str(tmp_path)) as ws:
         with pytest.raises(JobError, match="ref 'no-such-branch' not found in file://"):

@@ -9,9 +9,13 @@ from pathlib import Path
 import requests
 
 from exploop.config import agent_key_file
+from exploop.core.keyring import generate_key
 from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
-__all__ = ["Stack", "RestartableRedis", "auth", "make_git_repo"]
+__all__ = ["Stack", "RestartableRedis", "auth", "make_git_repo", "TEST_SECRET_KEY"]
+
+#: The server key of every test API (credentials in repository URLs need one).
+TEST_SECRET_KEY = generate_key()
 
 
 def auth(token: str) -> dict:
@@ -28,7 +32,8 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, EXPLOOP_SQLALCHEMY_DATABASE_URI=database_url,
                         EXPLOOP_REDIS_URL=redis_url, EXPLOOP_ALLOW_LOCAL_REPOS="true",
-                        EXPLOOP_REGIONS="us-east-1", **(extra_env or {}))
+                        EXPLOOP_REGIONS="us-east-1", EXPLOOP_SECRET_KEY=TEST_SECRET_KEY,
+                        **(extra_env or {}))
         self.api = None
         self.controller = None
         self.agents: list[Child] = []

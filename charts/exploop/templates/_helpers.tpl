@@ -54,6 +54,12 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
     secretKeyRef:
       name: {{ include "exploop.secretName" . }}
       key: EXPLOOP_REDIS_URL
+- name: EXPLOOP_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "exploop.secretName" . }}
+      key: EXPLOOP_SECRET_KEY
+      optional: true
 - name: EXPLOOP_REGIONS
   value: {{ .Values.config.regions | quote }}
 {{- with .Values.config.agentBrokerUrl }}
