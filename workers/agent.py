@@ -24,7 +24,7 @@ from exploop.config import AgentSettings, ConfigError
 from exploop.logs import setup_logging
 from exploop.routing import queues_for
 
-from .bootsteps import DesiredStateStep, LeaseStep
+from .bootsteps import DesiredStateStep, LeaseStep, StallWatchStep
 from .tasks import register_tasks
 
 logger = logging.getLogger("exploop.agent")
@@ -215,6 +215,7 @@ def run(settings: AgentSettings) -> int:
     register_tasks(app)
     app.steps["worker"].add(LeaseStep)
     app.steps["consumer"].add(DesiredStateStep)
+    app.steps["consumer"].add(StallWatchStep)
     nodename = f"{runtime.name}@{runtime.host}"
     logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s",
                 runtime.name, runtime.region, ",".join(runtime.queues), runtime.max_jobs,

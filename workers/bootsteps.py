@@ -13,7 +13,7 @@ from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")
 
-__all__ = ["LeaseStep", "DesiredStateStep", "running_jobs"]
+__all__ = ["LeaseStep", "DesiredStateStep", "StallWatchStep", "running_jobs"]
 
 
 def running_jobs() -> list[str]:
@@ -99,3 +99,61 @@ class DesiredStateStep(bootsteps.StartStopStep):
         runtime = consumer.app.exploop_runtime
         if runtime.desired_state == "draining":
             _apply(consumer, runtime.queues, "draining")
+
+
+class StallWatchStep(bootsteps.StartStopStep):
+    """Consumer step (``sentinel://`` brokers): restart a consumer that stopped taking messages.
+
+    After a Sentinel failover, kombu's consumer can stop consuming while the worker lives
+    on and keeps renewing its lease (celery/celery#6348, #8030). The sign: messages wait on
+    this agent's queues while it is active with free slots. ``STRIKES`` checks in a row like
+    that raise a connection error in the consumer's event loop, and Celery reconnects (the
+    sentinels name the new master).
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    label = "StallWatch"
+    INTERVAL = 5.0
+    STRIKES = 3
+
+    def __init__(self, consumer, **kwargs):
+        super().__init__(consumer, **kwargs)
+        self.strikes = 0
+        self.tref = None
+        self.broker = None
+
+    def start(self, consumer):
+        url = consumer.app.conf.broker_url
+        if not str(url).startswith("sentinel://"):
+            return
+        if self.broker is None:
+            from exploop.broker import Broker, KeyLayout, redis_client
+            options = consumer.app.conf.broker_transport_options
+            self.broker = Broker(redis_client(url, options.get("master_name"), socket_timeout=2,
+                                              socket_connect_timeout=2),
+                                 KeyLayout.from_transport_options(options))
+        self.strikes = 0
+        self.tref = consumer.timer.call_repeatedly(self.INTERVAL, self.check, (consumer,), priority=10)
+
+    def stop(self, consumer):
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def check(self, consumer) -> None:
+        import redis
+
+        runtime = consumer.app.exploop_runtime
+        if runtime.desired_state != "active" or len(running_jobs()) >= runtime.max_jobs:
+            self.strikes = 0
+            return
+        try:
+            waiting = sum(self.broker.depths(runtime.queues).values())
+        except redis.RedisError:
+            return  # the broker is unreachable: kombu's own reconnection deals with that
+        self.strikes = self.strikes + 1 if waiting else 0
+        if self.strikes >= self.STRIKES:
+            self.strikes = 0
+            logger.warning("consumer stalled: %d messages waiting on %s with free slots; reconnecting",
+                           waiting, ",".join(runtime.queues))
+            raise redis.exceptions.ConnectionError("consumer stalled after a broker failover")
