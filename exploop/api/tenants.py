@@ -15,8 +15,7 @@ from ..sarif import build_sarif
 from ..extensions import db
 from ..models import Finding, Job
 from .auth import tenant_required
-from .schemas import (Extended, FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage,
-                      PageArgs)
+from .schemas import FindingPage, IdempotencyArgs, JobCreate, JobListArgs, JobOut, JobPage, PageArgs
 
 bp = Blueprint("tenants", __name__, url_prefix="/api/v1",
                description="Tenant API (tenant key: rtenant_...)")

@@ -77,7 +77,7 @@ def test_each_region_on_its_broker_and_an_outage_stays_in_its_region(stack, redi
             assert job["status"] == "completed" and job["agent"] == "agent-eu"
         assert not [k for k in keys(redis_client) if "eu-west-1" in k]
         # The controller kept working for us-east-1 throughout: no tick failed on B's outage.
-        assert "broker redis://127.0.0.1:%d/0 unreachable" % port_b in stack.controller.output()
+        assert f"broker redis://127.0.0.1:{port_b}/0 unreachable" in stack.controller.output()
         assert "controller tick failed" not in stack.controller.output()
     finally:
         client_b.close()
