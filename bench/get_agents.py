@@ -101,7 +101,8 @@ def populate_jobs(database_url: str, redis_url: str, count: int) -> str:
         for i in range(count):
             at = start + timedelta(milliseconds=100 * i)
             status = "pending" if i % 10 in (3, 7) else "completed" if i % 10 == 5 else "queued"
-            rows.append({"id": uuid.uuid4().hex, "tenant_id": tenant.id, "capability": ("sast", "sca", "secrets")[i % 3],
+            rows.append({"id": uuid.uuid4().hex, "tenant_id": tenant.id,
+                         "capability": ("sast", "sca", "secrets")[i % 3],
                          "region": REGIONS[(i // 3) % 4], "repo_url": f"https://example.com/r{i}.git", "ref": "HEAD",
                          "status": status, "priority": "normal", "admission_key": at, "attempt": 1,
                          "max_attempts": 3, "time_limit": 1800, "progress": 0, "created_at": at,

@@ -29,7 +29,7 @@ from exploop.logs import setup_logging
 from exploop.routing import queues_for
 from exploop.vocabulary import DesiredState
 
-from .bootsteps import DesiredStateStep, LeaseStep
+from .bootsteps import DesiredStateStep, LeaseStep, StallWatchStep
 from .lifeline import die_with_parent
 from .tasks import register_tasks
 from .workspace import sweep_workspaces, workspace_root
@@ -280,6 +280,7 @@ def run(settings: AgentSettings) -> int:
     # Pool children die with the main process (kill -9 included), and their scanners with them.
     worker_process_init.connect(lambda **kw: die_with_parent(runtime.main_pid), weak=False)
     app.steps["consumer"].add(DesiredStateStep)
+    app.steps["consumer"].add(StallWatchStep)
     nodename = f"{runtime.name}@{runtime.host}"
     logger.info("starting agent name=%s region=%s queues=%s concurrency=%d desired_state=%s incarnation=%s",
                 runtime.name, runtime.region, ",".join(runtime.queues), runtime.max_jobs,

@@ -5,15 +5,19 @@ import logging
 import os
 import signal
 
+import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
+
+from exploop.broker import Broker, KeyLayout, redis_client
+from exploop.vocabulary import DesiredState
 
 from .lease_manager import KEY_REFUSED, KEY_REFUSED_SIGNAL, LeaseManager
 from .memory import MemoryWatch, cgroup_memory_limit
 
 logger = logging.getLogger("exploop.agent")
 
-__all__ = ["LeaseStep", "DesiredStateStep", "running_jobs"]
+__all__ = ["LeaseStep", "DesiredStateStep", "StallWatchStep", "running_jobs"]
 
 
 def running_jobs() -> list[str]:
@@ -130,3 +134,59 @@ class DesiredStateStep(bootsteps.StartStopStep):
         why = _hold_reason(runtime)
         if runtime.desired_state == "draining" or why is not None:
             _apply(consumer, runtime.queues, "draining", why)
+
+
+class StallWatchStep(bootsteps.StartStopStep):
+    """Consumer step (``sentinel://`` brokers): restart a consumer that stopped taking messages.
+
+    After a Sentinel failover, kombu's consumer can stop consuming while the worker lives
+    on and keeps renewing its lease (celery/celery#6348, #8030). The sign: messages wait on
+    this agent's queues while it is active with free slots. ``STRIKES`` checks in a row like
+    that raise a connection error in the consumer's event loop, and Celery reconnects (the
+    sentinels name the new master).
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    label = "StallWatch"
+    INTERVAL = 5.0
+    STRIKES = 3
+
+    def __init__(self, consumer, **kwargs):
+        super().__init__(consumer, **kwargs)
+        self.strikes = 0
+        self.tref = None
+        self.broker: Broker | None = None
+
+    def start(self, consumer):
+        url = consumer.app.conf.broker_url
+        if not str(url).startswith("sentinel://"):
+            return
+        if self.broker is None:
+            options = consumer.app.conf.broker_transport_options
+            self.broker = Broker(redis_client(url, options.get("master_name"), socket_timeout=2,
+                                              socket_connect_timeout=2),
+                                 KeyLayout.from_transport_options(options))
+        self.strikes = 0
+        self.tref = consumer.timer.call_repeatedly(self.INTERVAL, self.check, (consumer,), priority=10)
+
+    def stop(self, consumer):
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def check(self, consumer) -> None:
+        runtime = consumer.app.exploop_runtime
+        if self.broker is None or runtime.desired_state != DesiredState.ACTIVE \
+                or len(running_jobs()) >= runtime.max_jobs:
+            self.strikes = 0
+            return
+        try:
+            waiting = sum(self.broker.depths(runtime.queues).values())
+        except redis.RedisError:
+            return  # the broker is unreachable: kombu's own reconnection deals with that
+        self.strikes = self.strikes + 1 if waiting else 0
+        if self.strikes >= self.STRIKES:
+            self.strikes = 0
+            logger.warning("consumer stalled: %d messages waiting on %s with free slots; reconnecting",
+                           waiting, ",".join(runtime.queues))
+            raise redis.exceptions.ConnectionError("consumer stalled after a broker failover")

@@ -210,7 +210,8 @@ def test_every_ci_scenario_lints_clean():
 
 
 def test_server_chart_takes_a_sentinel_url_and_region_brokers():
-    values = {**SERVER_VALUES, "redis": {"url": "sentinel://s0:26379;sentinel://s1:26379", "sentinelMasterName": "main"},
+    values = {**SERVER_VALUES,
+              "redis": {"url": "sentinel://s0:26379;sentinel://s1:26379", "sentinelMasterName": "main"},
               "config": {"regions": "us-east-1,eu-west-1", "regionBrokers": "eu-west-1=redis://redis-eu:6379/0"}}
     manifests = render(SERVER_CHART, values, release="exploop")
     for name in ("exploop-api", "exploop-controller"):
