@@ -52,6 +52,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     for blueprint in (platform.bp, tenants.bp, admin.bp, health.bp):
         api.register_blueprint(blueprint)
     _serve_docs_assets(app)
+    from .api.console import init_console
+    init_console(app)
     register_error_handlers(app)
     _guard_requests(app)
     _observe_requests(app)

@@ -112,6 +112,10 @@ def server_defaults() -> dict:
         # Reverse proxies in front of the API whose X-Forwarded-For is trusted, so the limit
         # above counts the real client, not the proxy (0: use the peer address).
         "PROXY_COUNT": 0,
+        # Admin console (/ui/): a session ends after this long without a request; live pages
+        # (agents, agent) refresh once per CONSOLE_REFRESH (docs/console.md).
+        "CONSOLE_IDLE_TIMEOUT": "30m",
+        "CONSOLE_REFRESH": "2s",
         "CELERY": {},
         "API_TITLE": "Exploop API",
         "API_VERSION": "v1",

@@ -22,7 +22,7 @@ from .celery_app import declare_queue
 from .config import CAPABILITIES, parse_duration
 from .errors import ApiError
 from .extensions import db
-from .models import ACTIVE_STATUSES, Agent, Finding, Job, Tenant, utcnow
+from .models import ACTIVE_STATUSES, Agent, Finding, Job, JobAttempt, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
 from .metrics import JOB_DURATION, JOBS_FINISHED, QUEUE_WAIT, STALE_CLAIMS
 from .routing import RUN_SCAN, queue_for
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
-           "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
+           "PRIORITY_RANK", "attempts_of", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
@@ -254,6 +254,19 @@ def publish(job: Job) -> bool:
     return True
 
 
+def _end_attempt(job: Job, outcome: str, reason: str | None = None) -> None:
+    """Close the job's current attempt record (in the caller's transaction), if it is open."""
+    db.session.execute(update(JobAttempt).where(
+        JobAttempt.job_id == job.id, JobAttempt.attempt == job.attempt, JobAttempt.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome=outcome, reason=reason))
+
+
+def attempts_of(job: Job) -> list[JobAttempt]:
+    """The job's attempts, first to last: who ran each, when, and how it ended."""
+    return list(db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == job.id)
+                                   .order_by(JobAttempt.attempt)))
+
+
 def _get_job(job_id: str) -> Job:
     job = db.session.get(Job, job_id)
     if job is None:
@@ -280,6 +293,8 @@ def claim(agent: Agent, job_id: str, attempt: int) -> tuple[Job, str]:
         .values(status="running", agent_id=agent.id, agent_name=agent.name, started_at=now, progress=0,
                 progress_message=None, job_token_hash=hash_token(token),
                 job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
+    if result.rowcount == 1:  # every attempt number is claimed at most once: its record starts here
+        db.session.add(JobAttempt(job_id=job_id, attempt=attempt, agent_name=agent.name, started_at=now))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:
@@ -357,6 +372,7 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
                                      "preview", "commit")}))
     job.summary_json = json.dumps(dict(summary or {}, findings=len(findings), by_severity=counts))
     job.status, job.progress, job.finished_at, job.error = "completed", 100, utcnow(), None
+    _end_attempt(job, "completed")
     db.session.commit()
     _finished(job, "completed")
     logger.info("job completed job_id=%s attempt=%s agent=%s tenant_id=%s findings=%d",
@@ -370,12 +386,14 @@ def requeue(job: Job, reason: str) -> Job:
     if job.attempt >= job.max_attempts:
         job.status, job.finished_at = "failed", utcnow()
         job.error = f"{reason} (attempt {job.attempt} of {job.max_attempts})"
+        _end_attempt(job, "failed", reason)
         db.session.commit()
         JOBS_FINISHED.labels(job.capability, job.region, "failed").inc()
         logger.error("job failed permanently job_id=%s attempts=%s reason=%s",
                      job.id, job.attempt, reason)
         admit_pending(job.tenant_id)
         return job
+    _end_attempt(job, "requeued", reason)
     job.attempt += 1
     job.status, job.agent_id, job.error = "queued", None, reason
     job.queued_at, job.started_at, job.progress = utcnow(), None, 0
@@ -398,6 +416,7 @@ def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
         _finished(job, "retried")
         return requeue(job, error)
     job.status, job.finished_at, job.error = "failed", utcnow(), error
+    _end_attempt(job, "failed", error)
     db.session.commit()
     _finished(job, "failed")
     logger.error("job failed permanently job_id=%s attempt=%s agent=%s error=%s",
@@ -433,6 +452,8 @@ def cancel(job: Job, actor: str) -> Job:
     was = job.status
     result = db.session.execute(update(Job).where(Job.id == job.id, Job.status == was).values(
         status="cancelled", finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}"))
+    if result.rowcount == 1 and was == "running":
+        _end_attempt(job, "cancelled", f"cancelled by {actor}")
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now

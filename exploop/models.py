@@ -9,7 +9,7 @@ from sqlalchemy import Index, UniqueConstraint
 
 from .extensions import db
 
-__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "Finding",
+__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "JobAttempt", "Finding",
            "AuditEvent", "JOB_STATUSES", "ACTIVE_STATUSES", "FINAL_STATUSES"]
 
 JOB_STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled")
@@ -126,6 +126,22 @@ class Job(db.Model):
     @property
     def summary(self) -> dict | None:
         return json.loads(self.summary_json) if self.summary_json else None
+
+
+class JobAttempt(db.Model):
+    """One attempt of a job on one agent: the timeline operators read (claim to outcome)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "attempt"),)
+    id = db.Column(db.Integer, primary_key=True)
+    job_id = db.Column(db.String(32), db.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True)
+    attempt = db.Column(db.Integer, nullable=False)
+    agent_name = db.Column(db.String(100))
+    started_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    ended_at = db.Column(db.DateTime)
+    # running | completed | failed | requeued | cancelled
+    outcome = db.Column(db.String(16), nullable=False, default="running")
+    reason = db.Column(db.Text)
 
 
 class Finding(db.Model):

@@ -97,7 +97,8 @@ def _tenant(name: str) -> Tenant:
     return tenant
 
 
-def _tenant_usage(tenant: Tenant) -> Extended:
+def tenant_usage(tenant: Tenant) -> Extended:
+    """A tenant with its plan's limits and its usage against them."""
     counts = dict(db.session.execute(select(Job.status, func.count()).where(
         Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued", "running"))).group_by(Job.status)).all())
     usage = {"running": counts.get("running", 0), "queued": counts.get("queued", 0),
@@ -113,7 +114,7 @@ def _tenant_usage(tenant: Tenant) -> Extended:
 @admin_required()
 def get_tenant(name):
     """One tenant with its plan's limits and its usage against them."""
-    return _tenant_usage(_tenant(name))
+    return tenant_usage(_tenant(name))
 
 
 @bp.patch("/tenants/<name>")
@@ -128,7 +129,7 @@ def update_tenant(data, name):
     fleet.audit(g.admin.name, "change plan", name, f"{old} -> {tenant.plan}")
     db.session.commit()
     jobs.admit_pending(tenant.id)
-    return _tenant_usage(tenant)
+    return tenant_usage(tenant)
 
 
 @bp.get("/tenants")
@@ -137,6 +138,11 @@ def update_tenant(data, name):
 @admin_required()
 def list_tenants(args):
     """List tenants."""
+    return tenants_page(args)
+
+
+def tenants_page(args: dict) -> dict:
+    """One page of tenants, by name."""
     return paged(select(Tenant).order_by(Tenant.name), args)
 
 
@@ -164,6 +170,11 @@ def create_token(data):
 @admin_required()
 def list_tokens(args):
     """List bootstrap tokens (never their values)."""
+    return tokens_page(args)
+
+
+def tokens_page(args: dict) -> dict:
+    """One page of bootstrap tokens, newest first, with their status."""
     page = paged(select(BootstrapToken).order_by(BootstrapToken.id.desc()), args)
     page["items"] = [_token_view(t) for t in page["items"]]
     return page
@@ -176,13 +187,18 @@ def list_tokens(args):
 @admin_required("admin")
 def revoke_token(data, token_id):
     """Revoke a bootstrap token (recording who and why): registrations with it are refused."""
+    return revoke_bootstrap_token(token_id, g.admin.name, data.get("reason"))
+
+
+def revoke_bootstrap_token(token_id: int, actor: str, reason: str | None) -> Extended:
+    """Revoke a bootstrap token once (revoking it again changes nothing)."""
     token = db.session.get(BootstrapToken, token_id)
     if token is None:
         raise ApiError(404, f"token {token_id} not found")
     if token.revoked_at is None:
-        token.revoked_at, token.revoked_by = utcnow(), g.admin.name
-        token.revoke_reason = data.get("reason")
-        fleet.audit(g.admin.name, "revoke token", token.prefix, data.get("reason"))
+        token.revoked_at, token.revoked_by = utcnow(), actor
+        token.revoke_reason = reason
+        fleet.audit(actor, "revoke token", token.prefix, reason)
         db.session.commit()
     return _token_view(token)
 
@@ -209,9 +225,19 @@ def create_agent(data):
 @admin_required()
 def list_agents(args):
     """Agents with their live status (lease) and load, by name."""
+    return agents_page(args)
+
+
+def agents_page(args: dict) -> dict:
+    """One page of agents (filters: region, capability, name substring, status) with their leases."""
     query = select(Agent).order_by(Agent.name)
     if args.get("region"):
         query = query.where(Agent.region == args["region"])
+    if args.get("capability"):
+        # Stored comma separated: match the whole word, never a prefix of another capability.
+        query = query.where(("," + Agent.capabilities + ",").contains(f",{args['capability']},"))
+    if args.get("name"):
+        query = query.where(Agent.name.contains(args["name"], autoescape=True))
     if args.get("status"):
         # Status lives in Redis: filter the whole fleet, then page.
         views = [v for v in fleet.describe_agents(db.session.scalars(query).all())
@@ -230,6 +256,11 @@ def list_agents(args):
 @admin_required()
 def get_agent(name):
     """One agent with its lease, load, state and the jobs it ran most recently."""
+    return agent_detail(name)
+
+
+def agent_detail(name: str) -> dict:
+    """``describe agent``: the agent's view plus its most recent jobs."""
     view = fleet.describe_agents([_agent(name)])[0]
     recent = (select(Job).options(selectinload(Job.tenant)).where(Job.agent_name == name)
               .order_by(func.coalesce(Job.started_at, Job.created_at).desc(), Job.id)
@@ -238,10 +269,11 @@ def get_agent(name):
     return view
 
 
-def _set_desired_state(name: str, state: str) -> dict:
+def set_desired_state(name: str, state: str, actor: str) -> dict:
+    """Drain (``draining``) or uncordon (``active``) an agent, and tell its worker at once."""
     agent = _agent(name)
     agent.desired_state = state
-    fleet.audit(g.admin.name, "drain agent" if state == "draining" else "uncordon agent", name)
+    fleet.audit(actor, "drain agent" if state == "draining" else "uncordon agent", name)
     db.session.commit()
     fleet.forget_agent(agent)
     view = fleet.describe_agents([agent])[0]
@@ -270,7 +302,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
 @admin_required("admin")
 def drain_agent(name):
     """Stop the agent taking new jobs; running jobs finish."""
-    return _set_desired_state(name, "draining")
+    return set_desired_state(name, "draining", g.admin.name)
 
 
 @bp.post("/agents/<name>/uncordon")
@@ -279,7 +311,7 @@ def drain_agent(name):
 @admin_required("admin")
 def uncordon_agent(name):
     """Let a drained agent take jobs again."""
-    return _set_desired_state(name, "active")
+    return set_desired_state(name, "active", g.admin.name)
 
 
 @bp.delete("/agents/<name>")
@@ -288,6 +320,11 @@ def uncordon_agent(name):
 @admin_required("admin")
 def delete_agent(name):
     """Delete an agent record: its key stops working on its next request."""
+    remove_agent(name, g.admin.name)
+
+
+def remove_agent(name: str, actor: str) -> None:
+    """Delete an agent record, requeueing its running jobs and dropping its lease."""
     agent = _agent(name)
     # Forget the cached identity before and after the delete, so no renewal can slip in.
     fleet.forget_agent(agent)
@@ -297,7 +334,7 @@ def delete_agent(name):
         jobs.requeue(job, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
     db.session.delete(agent)
-    fleet.audit(g.admin.name, "delete agent", name, f"requeued_jobs={len(running)}")
+    fleet.audit(actor, "delete agent", name, f"requeued_jobs={len(running)}")
     db.session.commit()
     fleet.forget_agent(agent)
     current_app.extensions["leases"].release(agent.name)
@@ -311,6 +348,11 @@ def delete_agent(name):
 @admin_required()
 def list_jobs(args):
     """Jobs of every tenant, newest first."""
+    return jobs_page(args)
+
+
+def jobs_page(args: dict) -> dict:
+    """One page of jobs of every tenant, newest first (filters as ``GET /admin/v1/jobs``)."""
     query = select(Job).options(selectinload(Job.tenant))
     if args.get("status"):
         query = query.where(Job.status == args["status"])
@@ -318,12 +360,17 @@ def list_jobs(args):
         query = query.join(Tenant).where(Tenant.name == args["tenant"])
     if args.get("agent"):
         query = query.where(Job.agent_name == args["agent"])
+    if args.get("capability"):
+        query = query.where(Job.capability == args["capability"])
+    if args.get("region"):
+        query = query.where(Job.region == args["region"])
     if args.get("since"):
         query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
     return paged(query.order_by(Job.created_at.desc(), Job.id), args)
 
 
-def _job(job_id: str) -> Job:
+def find_job(job_id: str) -> Job:
+    """The job, or a 404."""
     job = db.session.get(Job, job_id)
     if job is None:
         raise ApiError(404, f"job {job_id!r} not found")
@@ -336,7 +383,7 @@ def _job(job_id: str) -> Job:
 @admin_required()
 def get_job(job_id):
     """One job."""
-    return _job(job_id)
+    return find_job(job_id)
 
 
 @bp.post("/jobs/<job_id>/retry")
@@ -345,8 +392,13 @@ def get_job(job_id):
 @admin_required("admin")
 def retry_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
-    job = jobs.retry(_job(job_id), g.admin.name)
-    fleet.audit(g.admin.name, "retry job", job_id)
+    return retry_job_as(job_id, g.admin.name)
+
+
+def retry_job_as(job_id: str, actor: str) -> Job:
+    """``retry job``: a new attempt of a failed or cancelled job, audited."""
+    job = jobs.retry(find_job(job_id), actor)
+    fleet.audit(actor, "retry job", job_id)
     db.session.commit()
     return job
 
@@ -357,8 +409,13 @@ def retry_job(job_id):
 @admin_required("admin")
 def cancel_job(job_id):
     """Cancel a pending, queued or running job (a running scan is stopped on its agent)."""
-    job = jobs.cancel(_job(job_id), g.admin.name)
-    fleet.audit(g.admin.name, "cancel job", job_id)
+    return cancel_job_as(job_id, g.admin.name)
+
+
+def cancel_job_as(job_id: str, actor: str) -> Job:
+    """Cancel a pending, queued or running job, audited."""
+    job = jobs.cancel(find_job(job_id), actor)
+    fleet.audit(actor, "cancel job", job_id)
     db.session.commit()
     return job
 
@@ -368,6 +425,11 @@ def cancel_job(job_id):
 @admin_required()
 def cluster_info():
     """Fleet overview: dependencies, agents by region, capacity, queue depth, jobs."""
+    return cluster_overview()
+
+
+def cluster_overview() -> dict:
+    """``cluster-info``: dependencies, agents by region, capacity, queue depth, jobs."""
     checks = check_dependencies()
     # Columns, not ORM objects, and lease bodies without TTLs: one query and one MGET
     # even for a fleet of thousands.
@@ -429,6 +491,11 @@ def cluster_info():
 @admin_required()
 def list_audit(args):
     """The audit log, newest first: who did what to which object, and when."""
+    return audit_page(args)
+
+
+def audit_page(args: dict) -> dict:
+    """One page of the audit log, newest first (filters: actor, action, target, since)."""
     query = select(AuditEvent)
     for column in ("actor", "action", "target"):
         if args.get(column):

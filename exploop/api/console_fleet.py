@@ -1,0 +1,108 @@
+"""What the console's Fleet page shows: region x capability placements and the last hour.
+
+Built from the same sources as ``cluster-info`` (agent records, one MGET of their leases,
+queue depths from the broker, job records), with the same status rule
+(:func:`exploop.fleet.agent_status`), so the page and the CLI never disagree.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import redis
+from flask import current_app
+from sqlalchemy import func, or_, select
+
+from .. import fleet
+from ..celery_app import queue_depths
+from ..extensions import db
+from ..models import Agent, Job, utcnow
+from ..routing import queue_for
+
+__all__ = ["placements", "hour_series", "sparkline"]
+
+WAITING = ("pending", "queued")
+STATUSES = ("online", "draining", "disabled", "offline")
+
+
+def placements() -> list[dict]:
+    """One row per (region, capability) that has agents, a queue or waiting jobs.
+
+    ``problem`` is set when jobs wait there and no live agent consumes the queue.
+    """
+    agents = db.session.execute(select(Agent.name, Agent.region, Agent.capabilities, Agent.max_jobs,
+                                       Agent.desired_state, Agent.disabled)).all()
+    try:
+        leases = current_app.extensions["leases"].get_many([a.name for a in agents], with_ttl=False)
+    except redis.RedisError:
+        leases = {}
+    rows: dict[tuple[str, str], dict] = {}
+
+    def row(region: str, capability: str) -> dict:
+        return rows.setdefault((region, capability), {
+            "region": region, "capability": capability, **{s: 0 for s in STATUSES},
+            "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None})
+
+    for agent in agents:
+        lease = leases.get(agent.name)
+        status = fleet.agent_status(agent, lease)
+        for capability in [c for c in agent.capabilities.split(",") if c]:
+            r = row(agent.region, capability)
+            r[status] += 1
+            if status in ("online", "draining"):
+                used = int(lease.get("jobs_running", 0))
+                r["slots_used"] += used
+                if status == "online":
+                    r["slots_free"] += max(0, int(lease.get("max_jobs") or agent.max_jobs) - used)
+    now = utcnow()
+    waiting = db.session.execute(select(Job.region, Job.capability, func.count(), func.min(Job.created_at))
+                                 .where(Job.status.in_(WAITING)).group_by(Job.region, Job.capability)).all()
+    for region, capability, count, oldest in waiting:
+        r = row(region, capability)
+        r["waiting"], r["oldest_wait"] = count, int((now - oldest).total_seconds())
+    for region in current_app.config["REGIONS"].split(","):
+        if region.strip():
+            for capability in ("sast", "sca", "secrets"):
+                if (region.strip(), capability) not in rows:
+                    row(region.strip(), capability)
+    try:
+        depths = queue_depths(current_app.extensions["redis"], [queue_for(c, r) for r, c in rows])
+    except redis.RedisError:
+        depths = {}
+    for (region, capability), r in rows.items():
+        r["depth"] = depths.get(queue_for(capability, region))
+        r["queue"] = queue_for(capability, region)
+        r["problem"] = (bool(r["depth"]) or r["waiting"] > 0) and r["online"] == 0
+    return sorted(rows.values(), key=lambda r: (not r["problem"], r["region"], r["capability"]))
+
+
+def hour_series(buckets: int = 12) -> dict:
+    """Jobs finished and jobs waiting over the last hour, in ``buckets`` steps, from job records.
+
+    Waiting at an instant = created before it and neither started nor finished by then (a
+    requeued job counts from its last start). Only jobs active within the hour are read.
+    """
+    now = utcnow()
+    start = now - timedelta(hours=1)
+    step = timedelta(hours=1) / buckets
+    finished = db.session.scalars(select(Job.finished_at).where(Job.finished_at >= start)).all()
+    throughput = [0] * buckets
+    for at in finished:
+        throughput[min(buckets - 1, int((at - start) / step))] += 1
+    spans = db.session.execute(select(Job.created_at, Job.started_at, Job.finished_at).where(
+        or_(Job.finished_at.is_(None), Job.finished_at >= start),
+        or_(Job.started_at.is_(None), Job.started_at >= start))).all()
+    instants = [start + step * (i + 1) for i in range(buckets)]
+    depth = [sum(1 for created, started, ended in spans
+                 if created <= t and (started is None or started > t) and (ended is None or ended > t))
+             for t in instants]
+    return {"throughput": throughput, "waiting": depth, "step_minutes": int(step.total_seconds() // 60)}
+
+
+def sparkline(values: list[int], width: int = 240, height: int = 48) -> dict:
+    """Points of an SVG polyline for ``values`` (server-side chart: no script, no library)."""
+    top = max(values) if values and max(values) > 0 else 1
+    n = max(1, len(values) - 1)
+    points = " ".join(f"{i * width / n:.1f},{height - v * (height - 4) / top - 2:.1f}"
+                      for i, v in enumerate(values))
+    return {"points": points, "max": max(values) if values else 0, "last": values[-1] if values else 0,
+            "width": width, "height": height}

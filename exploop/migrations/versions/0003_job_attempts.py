@@ -1,0 +1,41 @@
+"""Job attempts: one row per claim of a job, closed with its outcome (the console's timeline).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-30 09:50:00
+
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+# revision identifiers, used by Alembic.
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        'job_attempts',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('job_id', sa.String(length=32), nullable=False),
+        sa.Column('attempt', sa.Integer(), nullable=False),
+        sa.Column('agent_name', sa.String(length=100), nullable=True),
+        sa.Column('started_at', sa.DateTime(), nullable=False),
+        sa.Column('ended_at', sa.DateTime(), nullable=True),
+        sa.Column('outcome', sa.String(length=16), nullable=False),
+        sa.Column('reason', sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
+        sa.PrimaryKeyConstraint('id'),
+        sa.UniqueConstraint('job_id', 'attempt'),
+    )
+    with op.batch_alter_table('job_attempts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_job_attempts_job_id'), ['job_id'], unique=False)
+
+
+def downgrade():
+    with op.batch_alter_table('job_attempts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_job_attempts_job_id'))
+    op.drop_table('job_attempts')
