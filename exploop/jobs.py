@@ -8,6 +8,7 @@ publish leaves the job ``pending`` for the next admission, never lost.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from .routing import RUN_SCAN, queue_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
-           "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
+           "requeue", "retry", "cancel", "queue_position", "queue_positions", "plan_limits", "admission_key",
            "PRIORITY_RANK", "attempts_of", "known_regions", "choose_region", "validate_repo_url", "SEVERITIES"]
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
@@ -206,6 +207,37 @@ def queue_position(job: Job) -> int | None:
             Job.admission_key < job.admission_key))
         return queued + before + 1
     return None
+
+
+def queue_positions(waiting: list[Job]) -> dict[str, int]:
+    """:func:`queue_position` of many jobs at once: the same rule in two queries, whatever their number."""
+    queues = {(j.capability, j.region) for j in waiting}
+    if not queues:
+        return {}
+    queued_at: dict[tuple[str, str], list] = {q: [] for q in queues}
+    for capability, region, at in db.session.execute(select(Job.capability, Job.region, Job.queued_at).where(
+            Job.status == "queued", Job.capability.in_({q[0] for q in queues}),
+            Job.region.in_({q[1] for q in queues}))):
+        if (capability, region) in queued_at and at is not None:
+            queued_at[(capability, region)].append(at)
+    for times in queued_at.values():
+        times.sort()
+    tenants = {j.tenant_id for j in waiting if j.status == "pending"}
+    pending: dict[int, list] = {t: [] for t in tenants}
+    if tenants:
+        for tenant_id, key in db.session.execute(select(Job.tenant_id, Job.admission_key).where(
+                Job.status == "pending", Job.tenant_id.in_(tenants))):
+            pending[tenant_id].append(key)
+        for keys in pending.values():
+            keys.sort()
+    positions = {}
+    for job in waiting:
+        times = queued_at[(job.capability, job.region)]
+        if job.status == "queued" and job.queued_at is not None:
+            positions[job.id] = bisect.bisect_left(times, job.queued_at) + 1
+        elif job.status == "pending":
+            positions[job.id] = len(times) + bisect.bisect_left(pending[job.tenant_id], job.admission_key) + 1
+    return positions
 
 
 def admit_pending(tenant_id: int) -> int:

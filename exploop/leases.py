@@ -67,6 +67,13 @@ class LeaseStore:
         """Return the lease body with its remaining ``ttl``, or None when expired."""
         return self.get_many([agent])[agent]
 
+    def live(self, agents: list[str]) -> set[str]:
+        """Names of the agents that hold a lease (one MGET; the bodies are not decoded)."""
+        if not agents:
+            return set()
+        values = self.redis.mget([self.key(name) for name in agents])
+        return {name for name, raw in zip(agents, values) if raw is not None}
+
     def get_many(self, agents: list[str], with_ttl: bool = True) -> dict[str, dict | None]:
         """Fetch many leases in one pipelined round trip (``with_ttl=False``: one MGET)."""
         if not agents:

@@ -9,6 +9,8 @@ pages carry no action buttons and a forged POST is refused (403) and audited, as
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, g, jsonify, redirect, render_template, request, url_for
@@ -43,6 +45,8 @@ PUBLIC = {"console.login", "console.static"}
 #: Changes a viewer may make: ending their own session.
 ANY_ROLE = {"console.logout"}
 FINDINGS_SHOWN = 200
+#: Waiting jobs shown per tenant, with their queue position.
+WAITING_SHOWN = 5
 
 
 def init_console(app) -> None:
@@ -58,6 +62,11 @@ def _sessions() -> SessionStore:
 
 
 # --- session, CSRF, roles, headers ------------------------------------------------
+
+@bp.before_request
+def _start_timer():
+    g.console_started = time.perf_counter()
+
 
 @bp.before_request
 def _require_session():
@@ -91,6 +100,9 @@ def _require_session():
 @bp.after_request
 def _security_headers(response: Response) -> Response:
     response.headers.update(SECURITY_HEADERS)
+    started = g.get("console_started")
+    if started is not None:  # time spent in the app, for operators and bench/console.py
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
     if request.endpoint != "console.static":
         response.headers["Cache-Control"] = "no-store"
     return response
@@ -188,7 +200,6 @@ def login():
 
 
 def _login_form(error: str | None, status: int) -> Response:
-    import secrets
     form_token = secrets.token_urlsafe(32)
     response = Response(render_template("console/login.html", error=error, login_csrf=form_token), status)
     set_cookie(response, LOGIN_COOKIE, form_token, "/ui/login", max_age=3600)
@@ -209,9 +220,10 @@ def logout():
 @bp.get("/")
 def fleet_page():
     """Fleet: placements by region x capability, problems first, and the last hour."""
-    overview = admin.cluster_overview()
+    snapshot = admin.fleet_snapshot()
     series = hour_series()
-    return _page("fleet.html", overview=overview, rows=placements(), step=series["step_minutes"],
+    return _page("fleet.html", overview=admin.cluster_overview(snapshot), rows=placements(snapshot),
+                 step=series["step_minutes"],
                  throughput=sparkline(series["throughput"]), waiting=sparkline(series["waiting"]))
 
 
@@ -393,12 +405,12 @@ def revoke_token(token_id):
 def tenants_page():
     """Tenants: plan, usage against its limits, and where their waiting jobs stand."""
     page = admin.tenants_page(_args(PageArgs()))
-    rows = []
-    for tenant in page["items"]:
-        waiting = db.session.scalars(select(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued")))
-                                     .order_by(Job.admission_key).limit(5)).all()
-        rows.append({"tenant": admin.tenant_usage(tenant),
-                     "waiting": [(job, jobs.queue_position(job)) for job in waiting]})
+    waiting = {tenant.id: db.session.scalars(select(Job).where(
+        Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued")))
+        .order_by(Job.admission_key, Job.id).limit(WAITING_SHOWN)).all() for tenant in page["items"]}
+    positions = jobs.queue_positions([job for shown in waiting.values() for job in shown])
+    rows = [{"tenant": admin.tenant_usage(tenant),
+             "waiting": [(job, positions.get(job.id)) for job in waiting[tenant.id]]} for tenant in page["items"]]
     return _page("tenants.html", page=page, rows=rows, pages=_pages(page, "console.tenants_page"))
 
 

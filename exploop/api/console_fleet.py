@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import redis
 from flask import current_app
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 
 from .. import fleet
 from ..celery_app import queue_depths
@@ -24,27 +24,27 @@ WAITING = ("pending", "queued")
 STATUSES = ("online", "draining", "disabled", "offline")
 
 
-def placements() -> list[dict]:
+def placements(snapshot: tuple[list, dict | None]) -> list[dict]:
     """One row per (region, capability) that has agents, a queue or waiting jobs.
 
+    ``snapshot`` is :func:`exploop.api.admin.fleet_snapshot`'s (shared with the summary).
     ``problem`` is set when jobs wait there and no live agent consumes the queue.
     """
-    agents = db.session.execute(select(Agent.name, Agent.region, Agent.capabilities, Agent.max_jobs,
-                                       Agent.desired_state, Agent.disabled)).all()
-    try:
-        leases = current_app.extensions["leases"].get_many([a.name for a in agents], with_ttl=False)
-    except redis.RedisError:
-        leases = {}
+    agents, leases = snapshot
     rows: dict[tuple[str, str], dict] = {}
 
     def row(region: str, capability: str) -> dict:
-        return rows.setdefault((region, capability), {
-            "region": region, "capability": capability, **{s: 0 for s in STATUSES},
-            "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None})
+        found = rows.get((region, capability))
+        if found is None:
+            found = rows[(region, capability)] = {
+                "region": region, "capability": capability, **{s: 0 for s in STATUSES}, "unknown": 0,
+                "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None}
+        return found
 
     for agent in agents:
-        lease = leases.get(agent.name)
-        status = fleet.agent_status(agent, lease)
+        lease = leases.get(agent.name) if leases is not None else None
+        # Redis unreadable: say so rather than call every agent offline (as cluster-info does).
+        status = fleet.agent_status(agent, lease) if leases is not None or agent.disabled else "unknown"
         for capability in [c for c in agent.capabilities.split(",") if c]:
             r = row(agent.region, capability)
             r[status] += 1
@@ -88,11 +88,14 @@ def hour_series(buckets: int = 12) -> dict:
     throughput = [0] * buckets
     for at in finished:
         throughput[min(buckets - 1, int((at - start) / step))] += 1
-    spans = db.session.execute(select(Job.created_at, Job.started_at, Job.finished_at).where(
-        or_(Job.finished_at.is_(None), Job.finished_at >= start),
-        or_(Job.started_at.is_(None), Job.started_at >= start))).all()
+    # Jobs that may have waited within the hour: waiting or running now (status index), or
+    # finished within it (finished_at index); never a scan of the whole history.
+    columns = (Job.id, Job.created_at, Job.started_at, Job.finished_at)
+    spans = {row.id: row[1:] for row in db.session.execute(select(*columns).where(
+        Job.status.in_(("pending", "queued", "running"))))}
+    spans.update((row.id, row[1:]) for row in db.session.execute(select(*columns).where(Job.finished_at >= start)))
     instants = [start + step * (i + 1) for i in range(buckets)]
-    depth = [sum(1 for created, started, ended in spans
+    depth = [sum(1 for created, started, ended in spans.values()
                  if created <= t and (started is None or started > t) and (ended is None or ended > t))
              for t in instants]
     return {"throughput": throughput, "waiting": depth, "step_minutes": int(step.total_seconds() // 60)}

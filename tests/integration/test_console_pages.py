@@ -250,3 +250,21 @@ def test_token_created_in_the_page_is_shown_once_and_can_be_revoked(app, admin_c
     reply = admin_client.post(f"/ui/tokens/{token_id}/revoke", data={"csrf_token": csrf, "next": "/ui/tokens"})
     assert reply.status_code == 302
     assert "revoked" in admin_client.get("/ui/tokens").text
+
+
+def test_bulk_queue_positions_follow_the_single_job_rule(app):
+    from exploop import jobs as job_rules
+    make_tenant(app, "acme")
+    make_tenant(app, "globex")
+    now = utcnow()
+    with app.app_context():
+        tenants = db.session.scalars(select(Tenant).order_by(Tenant.name)).all()
+        for i in range(12):
+            status = ("queued", "pending")[i % 2]
+            db.session.add(Job(tenant_id=tenants[i % 3 % 2].id, capability=("sast", "secrets")[i % 3 % 2],
+                               region="us-east-1", status=status, repo_url="https://git.example.com/a.git",
+                               time_limit=60, queued_at=now - timedelta(seconds=100 - i) if status == "queued" else None,
+                               admission_key=now - timedelta(seconds=(i * 7) % 11)))
+        db.session.commit()
+        waiting = db.session.scalars(select(Job)).all()
+        assert job_rules.queue_positions(waiting) == {job.id: job_rules.queue_position(job) for job in waiting}
