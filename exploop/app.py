@@ -60,7 +60,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     proxies = _non_negative_int(app, "PROXY_COUNT")
     if proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # proto: the console's Secure cookie
     return app
 
 

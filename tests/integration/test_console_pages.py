@@ -80,6 +80,22 @@ def test_cookie_is_secure_over_https(app):
     assert "Secure" in cookie
 
 
+def test_cookie_is_secure_behind_a_trusted_tls_proxy(app_config):
+    from exploop import create_app
+    from exploop.app import init_db
+    app = create_app(dict(app_config, PROXY_COUNT=1))
+    init_db(app)
+    client = app.test_client()
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    page = client.get("/ui/login", headers=proxied)
+    form_token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    client.set_cookie("exploop_console_login", form_token, path="/ui/login")
+    reply = client.post("/ui/login", headers=proxied, data={"token": make_admin_token(app), "csrf_token": form_token})
+    cookie = next(c for c in reply.headers.getlist("Set-Cookie") if c.startswith("exploop_console="))
+    assert "Secure" in cookie
+    app.extensions["redis"].close()
+
+
 def test_security_headers_on_every_console_response(admin_client):
     for path in ("/ui/", "/ui/login", "/ui/static/console.js", "/ui/agents/rows"):
         reply = admin_client.get(path)
@@ -268,3 +284,29 @@ def test_bulk_queue_positions_follow_the_single_job_rule(app):
         db.session.commit()
         waiting = db.session.scalars(select(Job)).all()
         assert job_rules.queue_positions(waiting) == {job.id: job_rules.queue_position(job) for job in waiting}
+
+
+def test_job_page_shows_each_attempt_with_its_agent_and_reason(app, admin_client):
+    from exploop import jobs as job_rules
+    make_tenant(app)
+    _agent(app, "a1")
+    _agent(app, "a2")
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+        job = Job(tenant_id=tenant.id, capability="sast", region="us-east-1", status="queued",
+                  repo_url="https://git.example.com/a.git", time_limit=60, queued_at=utcnow())
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+        first, second = (db.session.scalar(select(Agent).where(Agent.name == n)) for n in ("a1", "a2"))
+        job_rules.claim(first, job_id, 1)
+        job_rules.requeue(db.session.get(Job, job_id), "lease expired on agent a1")
+        _, token = job_rules.claim(second, job_id, 2)
+        job_rules.complete(second, job_id, 2, [], {}, token)
+        assert [(a.attempt, a.agent_name, a.outcome) for a in job_rules.attempts_of(db.session.get(Job, job_id))] \
+            == [(1, "a1", "requeued"), (2, "a2", "completed")]
+    html = admin_client.get(f"/ui/jobs/{job_id}").text
+    timeline = html[html.index('id="attempts"'):html.index("</ol>")]
+    assert re.search(r"Attempt 1</strong> on\s*<a [^>]*>a1</a>.*requeued</span>: <span class=\"reason\">"
+                     r"lease expired on agent a1</span>", timeline, re.S)
+    assert re.search(r"Attempt 2</strong> on\s*<a [^>]*>a2</a>.*completed</span></li>", timeline, re.S)
