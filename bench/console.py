@@ -152,8 +152,9 @@ def main() -> int:
                     worst[kind] = max(worst[kind], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))])
                 print(f"  {label:40s} {_stats(server)}")
             print("\nratios (median console page / median API list in the same run)")
-            print(f"  agents page / API agents list:  {medians['/ui/agents  page 1'] / medians['GET /admin/v1/agents (API, JSON)']:.2f}")
-            print(f"  jobs page / API jobs list:      {medians['/ui/jobs  page 1'] / medians['GET /admin/v1/jobs (API, JSON)']:.2f}")
+            for page, api_list in (("/ui/agents  page 1", "GET /admin/v1/agents (API, JSON)"),
+                                   ("/ui/jobs  page 1", "GET /admin/v1/jobs (API, JSON)")):
+                print(f"  {page:22s} / {api_list:34s} {medians[page] / medians[api_list]:.2f}")
             for kind in ("agents", "jobs"):
                 verdict = "within" if worst[kind] <= TARGET_MS else "OVER"
                 print(f"  {kind} pages: worst p95 {worst[kind]:.1f} ms, {verdict} the {TARGET_MS} ms target")

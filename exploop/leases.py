@@ -72,7 +72,7 @@ class LeaseStore:
         if not agents:
             return set()
         values = self.redis.mget([self.key(name) for name in agents])
-        return {name for name, raw in zip(agents, values) if raw is not None}
+        return {name for name, raw in zip(agents, values, strict=True) if raw is not None}
 
     def get_many(self, agents: list[str], with_ttl: bool = True) -> dict[str, dict | None]:
         """Fetch many leases in one pipelined round trip (``with_ttl=False``: one MGET)."""

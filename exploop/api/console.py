@@ -29,8 +29,7 @@ from ..security import redact_url, security_event
 from . import admin
 from .auth import find_admin_token, refuse_credential
 from .console_fleet import hour_series, placements, sparkline
-from .console_session import (COOKIE, LOGIN_COOKIE, SECURITY_HEADERS, SessionStore, clear_cookie, same_token,
-                              set_cookie)
+from .console_session import COOKIE, LOGIN_COOKIE, SECURITY_HEADERS, SessionStore, clear_cookie, same_token, set_cookie
 from .schemas import AdminJobListArgs, AgentListArgs, AuditListArgs, PageArgs, TokenCreate
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from .. import fleet
 from ..celery_app import queue_depths
 from ..extensions import db
-from ..models import Agent, Job, utcnow
+from ..models import Job, utcnow
 from ..routing import queue_for
 
 __all__ = ["placements", "hour_series", "sparkline"]

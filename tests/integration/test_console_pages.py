@@ -277,10 +277,10 @@ def test_bulk_queue_positions_follow_the_single_job_rule(app):
         tenants = db.session.scalars(select(Tenant).order_by(Tenant.name)).all()
         for i in range(12):
             status = ("queued", "pending")[i % 2]
+            queued_at = now - timedelta(seconds=100 - i) if status == "queued" else None
             db.session.add(Job(tenant_id=tenants[i % 3 % 2].id, capability=("sast", "secrets")[i % 3 % 2],
                                region="us-east-1", status=status, repo_url="https://git.example.com/a.git",
-                               time_limit=60, queued_at=now - timedelta(seconds=100 - i) if status == "queued" else None,
-                               admission_key=now - timedelta(seconds=(i * 7) % 11)))
+                               time_limit=60, queued_at=queued_at, admission_key=now - timedelta(seconds=(i * 7) % 11)))
         db.session.commit()
         waiting = db.session.scalars(select(Job)).all()
         assert job_rules.queue_positions(waiting) == {job.id: job_rules.queue_position(job) for job in waiting}
