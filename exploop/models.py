@@ -93,7 +93,9 @@ class Job(db.Model):
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
                       Index("ix_jobs_tenant_status", "tenant_id", "status", "admission_key"),
                       # Pages of the admin job list walk this index alone (exploop.api.admin.jobs_page).
-                      Index("ix_jobs_created_at_id", "created_at", "id"))
+                      Index("ix_jobs_created_at_id", "created_at", "id"),
+                      # Finished jobs by status and time: cluster-info's last day, the console's last hour.
+                      Index("ix_jobs_status_finished_at", "status", "finished_at"))
     id = db.Column(db.String(32), primary_key=True, default=_job_id)
     tenant_id = db.Column(db.Integer, db.ForeignKey("tenants.id"), nullable=False)
     capability = db.Column(db.String(16), nullable=False)
@@ -121,7 +123,7 @@ class Job(db.Model):
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow, index=True)
     queued_at = db.Column(db.DateTime)
     started_at = db.Column(db.DateTime)
-    finished_at = db.Column(db.DateTime, index=True)  # the console's last-hour charts read by it
+    finished_at = db.Column(db.DateTime)
 
     tenant = db.relationship("Tenant")
 

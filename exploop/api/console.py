@@ -404,9 +404,14 @@ def revoke_token(token_id):
 def tenants_page():
     """Tenants: plan, usage against its limits, and where their waiting jobs stand."""
     page = admin.tenants_page(_args(PageArgs()))
-    waiting = {tenant.id: db.session.scalars(select(Job).where(
-        Job.tenant_id == tenant.id, Job.status.in_(("pending", "queued")))
-        .order_by(Job.admission_key, Job.id).limit(WAITING_SHOWN)).all() for tenant in page["items"]}
+    # The first waiting jobs of every tenant on the page, in one query (a window per tenant).
+    ranked = select(Job.id, func.row_number().over(partition_by=Job.tenant_id, order_by=(Job.admission_key, Job.id))
+                    .label("n")).where(Job.tenant_id.in_([t.id for t in page["items"]]),
+                                       Job.status.in_(("pending", "queued"))).subquery()
+    waiting: dict[int, list[Job]] = {tenant.id: [] for tenant in page["items"]}
+    for job in db.session.scalars(select(Job).join(ranked, Job.id == ranked.c.id).where(ranked.c.n <= WAITING_SHOWN)
+                                  .order_by(Job.admission_key, Job.id)):
+        waiting[job.tenant_id].append(job)
     positions = jobs.queue_positions([job for shown in waiting.values() for job in shown])
     rows = [{"tenant": admin.tenant_usage(tenant),
              "waiting": [(job, positions.get(job.id)) for job in waiting[tenant.id]]} for tenant in page["items"]]

@@ -10,12 +10,12 @@ from datetime import timedelta
 
 import redis
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, or_, select
 
 from .. import fleet
 from ..celery_app import queue_depths
 from ..extensions import db
-from ..models import Job, utcnow
+from ..models import FINAL_STATUSES, Job, utcnow
 from ..routing import queue_for
 
 __all__ = ["placements", "hour_series", "sparkline"]
@@ -79,26 +79,25 @@ def hour_series(buckets: int = 12) -> dict:
     """Jobs finished and jobs waiting over the last hour, in ``buckets`` steps, from job records.
 
     Waiting at an instant = created before it and neither started nor finished by then (a
-    requeued job counts from its last start). Only jobs active within the hour are read.
+    requeued job counts from its last start). The database sums both series in one pass
+    each over the jobs active within the hour ((status, finished_at) index), so the page
+    never reads the history, nor the waiting jobs themselves, into the API.
     """
     now = utcnow()
     start = now - timedelta(hours=1)
     step = timedelta(hours=1) / buckets
-    finished = db.session.scalars(select(Job.finished_at).where(Job.finished_at >= start)).all()
-    throughput = [0] * buckets
-    for at in finished:
-        throughput[min(buckets - 1, int((at - start) / step))] += 1
-    # Jobs that may have waited within the hour: waiting or running now (status index), or
-    # finished within it (finished_at index); never a scan of the whole history.
-    columns = (Job.id, Job.created_at, Job.started_at, Job.finished_at)
-    spans = {row.id: row[1:] for row in db.session.execute(select(*columns).where(
-        Job.status.in_(("pending", "queued", "running"))))}
-    spans.update((row.id, row[1:]) for row in db.session.execute(select(*columns).where(Job.finished_at >= start)))
-    instants = [start + step * (i + 1) for i in range(buckets)]
-    depth = [sum(1 for created, started, ended in spans.values()
-                 if created <= t and (started is None or started > t) and (ended is None or ended > t))
-             for t in instants]
-    return {"throughput": throughput, "waiting": depth, "step_minutes": int(step.total_seconds() // 60)}
+    edges = [start + step * (i + 1) for i in range(buckets)]
+    finished = db.session.execute(select(*[
+        func.coalesce(func.sum(case((Job.finished_at < edge, 1), else_=0)), 0) for edge in edges]).where(
+        Job.status.in_(FINAL_STATUSES), Job.finished_at >= start)).one()
+    throughput = [int(finished[0])] + [int(finished[i]) - int(finished[i - 1]) for i in range(1, buckets)]
+    waiting = db.session.execute(select(*[
+        func.coalesce(func.sum(case((and_(Job.created_at <= t, or_(Job.started_at.is_(None), Job.started_at > t),
+                                          or_(Job.finished_at.is_(None), Job.finished_at > t)), 1), else_=0)), 0)
+        for t in edges]).where(or_(Job.status.in_(("pending", "queued", "running")),
+                                   and_(Job.status.in_(FINAL_STATUSES), Job.finished_at >= start)))).one()
+    return {"throughput": throughput, "waiting": [int(n) for n in waiting],
+            "step_minutes": int(step.total_seconds() // 60)}
 
 
 def sparkline(values: list[int], width: int = 240, height: int = 48) -> dict:

@@ -310,3 +310,30 @@ def test_job_page_shows_each_attempt_with_its_agent_and_reason(app, admin_client
     assert re.search(r"Attempt 1</strong> on\s*<a [^>]*>a1</a>.*requeued</span>: <span class=\"reason\">"
                      r"lease expired on agent a1</span>", timeline, re.S)
     assert re.search(r"Attempt 2</strong> on\s*<a [^>]*>a2</a>.*completed</span></li>", timeline, re.S)
+
+
+def test_last_hour_series_count_finished_and_waiting_jobs(app):
+    from exploop.api.console_fleet import hour_series
+    make_tenant(app)
+    now = utcnow()
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+
+        def job(status, created, started=None, finished=None):
+            db.session.add(Job(tenant_id=tenant.id, capability="sast", region="us-east-1", status=status,
+                               repo_url="https://git.example.com/a.git", time_limit=60, created_at=now - created,
+                               started_at=now - started if started else None,
+                               finished_at=now - finished if finished else None))
+        minutes = lambda n: timedelta(minutes=n)  # noqa: E731
+        job("completed", minutes(200), minutes(190), minutes(180))   # finished before the hour: nowhere
+        job("completed", minutes(50), minutes(40), minutes(32))      # waited 50..40 min ago, finished in bucket 5
+        job("failed", minutes(20), minutes(3), minutes(2))           # waited 20..3 min ago, finished in the last bucket
+        job("pending", minutes(90))                                   # waiting the whole hour
+        job("queued", minutes(7))                                     # waiting since 7 min ago
+        db.session.commit()
+        with app.test_request_context():
+            series = hour_series(12)
+    assert series["step_minutes"] == 5
+    assert series["throughput"] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]
+    # Sampled at the end of each 5-minute bucket: 55, 50, ..., 0 minutes ago.
+    assert series["waiting"] == [1, 2, 2, 1, 1, 1, 1, 2, 2, 2, 3, 2]

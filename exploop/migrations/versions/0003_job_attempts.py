@@ -1,6 +1,7 @@
 """Job attempts: one row per claim of a job, closed with its outcome (the console's timeline);
 an index on jobs (created_at, id) so a deep page of the admin job list walks the index alone,
-and one on jobs.finished_at for the console's last-hour charts.
+and one on jobs (status, finished_at) for the finished jobs of the last day (cluster-info) and
+hour (the console's charts).
 
 Revision ID: 0003
 Revises: 0002
@@ -37,12 +38,12 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_job_attempts_job_id'), ['job_id'], unique=False)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index('ix_jobs_created_at_id', ['created_at', 'id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_jobs_finished_at'), ['finished_at'], unique=False)
+        batch_op.create_index('ix_jobs_status_finished_at', ['status', 'finished_at'], unique=False)
 
 
 def downgrade():
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_jobs_finished_at'))
+        batch_op.drop_index('ix_jobs_status_finished_at')
         batch_op.drop_index('ix_jobs_created_at_id')
     with op.batch_alter_table('job_attempts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_job_attempts_job_id'))
