@@ -149,7 +149,8 @@ def main() -> int:
                 ordered = sorted(server)
                 medians[label] = ordered[len(ordered) // 2]
                 if kind in worst:
-                    worst[kind] = max(worst[kind], ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))])
+                    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+                    worst[kind] = max(worst[kind], p95)
                 print(f"  {label:40s} {_stats(server)}")
             print("\nratios (median console page / median API list in the same run)")
             for page, api_list in (("/ui/agents  page 1", "GET /admin/v1/agents (API, JSON)"),
