@@ -337,3 +337,35 @@ def test_last_hour_series_count_finished_and_waiting_jobs(app):
     assert series["throughput"] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]
     # Sampled at the end of each 5-minute bucket: 55, 50, ..., 0 minutes ago.
     assert series["waiting"] == [1, 2, 2, 1, 1, 1, 1, 2, 2, 2, 3, 2]
+
+
+def test_job_and_agent_actions_go_through_the_admin_functions_and_are_audited(app, admin_client):
+    make_tenant(app)
+    _agent(app, "doomed")
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+        job = Job(tenant_id=tenant.id, capability="sast", region="us-east-1", status="pending",
+                  repo_url="https://git.example.com/a.git", time_limit=60)
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    csrf = csrf_of(admin_client, f"/ui/jobs/{job_id}")
+    assert 'data-action="cancel"' in admin_client.get(f"/ui/jobs/{job_id}").text
+    reply = admin_client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf_token": csrf, "next": f"/ui/jobs/{job_id}"})
+    assert reply.status_code == 302 and reply.location.endswith(f"/ui/jobs/{job_id}")
+    page = admin_client.get(f"/ui/jobs/{job_id}").text
+    assert f"Job {job_id} cancelled." in page and 'data-action="retry"' in page
+    # A refused action (cancel a cancelled job) is told on the next page, not a 500.
+    admin_client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf_token": csrf, "next": f"/ui/jobs/{job_id}"})
+    assert "only pending, queued or running jobs can be cancelled" in admin_client.get(f"/ui/jobs/{job_id}").text
+    reply = admin_client.post(f"/ui/jobs/{job_id}/retry", data={"csrf_token": csrf, "next": "//evil.example/"})
+    assert reply.location.endswith(f"/ui/jobs/{job_id}")  # never redirected off the console
+    reply = admin_client.post("/ui/agents/doomed/delete", data={"csrf_token": csrf, "next": "/ui/agents"})
+    assert reply.location.endswith("/ui/agents")
+    with app.app_context():
+        assert db.session.get(Job, job_id).status in ("pending", "queued")
+        assert db.session.scalar(select(Agent).where(Agent.name == "doomed")) is None
+        actions = db.session.execute(select(AuditEvent.actor, AuditEvent.action, AuditEvent.target)
+                                     .where(AuditEvent.action != "console sign in").order_by(AuditEvent.id)).all()
+        assert [tuple(a) for a in actions] == [("ops", "cancel job", job_id), ("ops", "retry job", job_id),
+                                               ("ops", "delete agent", "doomed")]
