@@ -239,11 +239,17 @@ def agents_page(args: dict) -> dict:
     if args.get("name"):
         query = query.where(Agent.name.contains(args["name"], autoescape=True))
     if args.get("status"):
-        # Status lives in Redis: filter the whole fleet on three columns and lease presence
-        # (one MGET, nothing decoded), then describe only the page.
+        # Status lives in Redis: narrow the fleet by the columns the status rule reads, apply
+        # the rule (fleet.agent_status) with lease presence (one MGET, nothing decoded), then
+        # describe only the page.
+        status = args["status"]
+        query = query.where(Agent.disabled.is_(status == "disabled"))
+        if status in ("online", "draining"):
+            query = query.where(Agent.desired_state == "draining" if status == "draining"
+                                else Agent.desired_state != "draining")
         rows = db.session.execute(query.with_only_columns(Agent.name, Agent.disabled, Agent.desired_state)).all()
         live = current_app.extensions["leases"].live([r.name for r in rows])
-        names = [r.name for r in rows if fleet.agent_status(r, {} if r.name in live else None) == args["status"]]
+        names = [r.name for r in rows if fleet.agent_status(r, {} if r.name in live else None) == status]
         start = (args["page"] - 1) * args["per_page"]
         shown = names[start:start + args["per_page"]]
         records = db.session.scalars(select(Agent).where(Agent.name.in_(shown)).order_by(Agent.name)).all()
