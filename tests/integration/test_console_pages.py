@@ -369,3 +369,19 @@ def test_job_and_agent_actions_go_through_the_admin_functions_and_are_audited(ap
                                      .where(AuditEvent.action != "console sign in").order_by(AuditEvent.id)).all()
         assert [tuple(a) for a in actions] == [("ops", "cancel job", job_id), ("ops", "retry job", job_id),
                                                ("ops", "delete agent", "doomed")]
+
+
+def test_status_filter_agrees_with_each_agents_shown_status(app, admin_client):
+    _agent(app, "on")
+    _agent(app, "drn", desired_state="draining")
+    _agent(app, "off")
+    _agent(app, "dis", disabled=True)
+    _agent(app, "drn-off", desired_state="draining")
+    leases = app.extensions["leases"]
+    for name in ("on", "drn", "dis"):
+        leases.renew(name, {"jobs_running": 0, "running_jobs": []}, 60)
+    expected = {"online": {"on"}, "draining": {"drn"}, "offline": {"off", "drn-off"}, "disabled": {"dis"}}
+    for status, names in expected.items():
+        html = admin_client.get(f"/ui/agents?status={status}").text
+        assert set(re.findall(r'data-agent="([^"]+)" data-status="' + status + '"', html)) == names, status
+        assert len(re.findall(r"data-agent=", html)) == len(names), status
