@@ -139,6 +139,10 @@ def server_defaults() -> dict:
         # `cluster-info` and /health: when Redis hangs they answer degraded, from the
         # database, well within the CLI's 10s timeout instead of waiting on Redis.
         "FLEET_READ_TIMEOUT": "1s",
+        # Admin console (/ui/): a session ends after this long without a request; live pages
+        # (agents, agent) refresh once per CONSOLE_REFRESH (docs/console.md).
+        "CONSOLE_IDLE_TIMEOUT": "30m",
+        "CONSOLE_REFRESH": "2s",
         "CELERY": {},
         "API_TITLE": "Exploop API",
         "API_VERSION": "v1",

@@ -54,7 +54,7 @@ from .schemas import (
     TokenPage,
     TokenRevoke,
 )
-from .tenants import paged, paged_jobs
+from .tenants import paged, with_queue_positions
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _tenant(name: str) -> Tenant:
     return tenant
 
 
-def _tenant_usage(tenant: Tenant) -> Extended:
+def tenant_usage(tenant: Tenant) -> Extended:
+    """A tenant with its plan's limits and its usage against them."""
     counts = jobs.status_counts(tenant.id)
     usage = {"running": counts[JobStatus.RUNNING], "queued": counts[JobStatus.QUEUED],
              "pending": counts[JobStatus.PENDING]}
@@ -122,7 +123,7 @@ def _tenant_usage(tenant: Tenant) -> Extended:
 @admin_required()
 def get_tenant(name):
     """One tenant with its plan's limits and its usage against them."""
-    return _tenant_usage(_tenant(name))
+    return tenant_usage(_tenant(name))
 
 
 @bp.patch("/tenants/<name>")
@@ -137,7 +138,7 @@ def update_tenant(data, name):
     fleet.audit(g.admin.name, "change plan", name, f"{old} -> {tenant.plan}")
     db.session.commit()
     jobs.admit_pending(tenant.id)
-    return _tenant_usage(tenant)
+    return tenant_usage(tenant)
 
 
 @bp.get("/tenants")
@@ -146,6 +147,11 @@ def update_tenant(data, name):
 @admin_required()
 def list_tenants(args):
     """List tenants."""
+    return tenants_page(args)
+
+
+def tenants_page(args: dict) -> dict:
+    """One page of tenants, by name."""
     return paged(select(Tenant).order_by(Tenant.name), args)
 
 
@@ -173,6 +179,11 @@ def create_token(data):
 @admin_required()
 def list_tokens(args):
     """List bootstrap tokens (never their values)."""
+    return tokens_page(args)
+
+
+def tokens_page(args: dict) -> dict:
+    """One page of bootstrap tokens, newest first, with their status."""
     page = paged(select(BootstrapToken).order_by(BootstrapToken.id.desc()), args)
     page["items"] = [_token_view(t) for t in page["items"]]
     return page
@@ -185,13 +196,18 @@ def list_tokens(args):
 @admin_required("admin")
 def revoke_token(data, token_id):
     """Revoke a bootstrap token (recording who and why): registrations with it are refused."""
+    return revoke_bootstrap_token(token_id, g.admin.name, data.get("reason"))
+
+
+def revoke_bootstrap_token(token_id: int, actor: str, reason: str | None) -> Extended:
+    """Revoke a bootstrap token once (revoking it again changes nothing)."""
     token = db.session.get(BootstrapToken, token_id)
     if token is None:
         raise ApiError(404, f"token {token_id} not found")
     if token.revoked_at is None:
-        token.revoked_at, token.revoked_by = utcnow(), g.admin.name
-        token.revoke_reason = data.get("reason")
-        fleet.audit(g.admin.name, "revoke token", token.prefix, data.get("reason"))
+        token.revoked_at, token.revoked_by = utcnow(), actor
+        token.revoke_reason = reason
+        fleet.audit(actor, "revoke token", token.prefix, reason)
         db.session.commit()
     return _token_view(token)
 
@@ -222,19 +238,59 @@ def list_agents(args):
     When Redis cannot be read, the page comes from the database alone and ``degraded``
     says what is unknown.
     """
+    return agents_page(args)
+
+
+def agents_page(args: dict) -> dict:
+    """One page of agents (filters: region, capability, name substring, status) with their
+    leases and running jobs; ``degraded`` says what is unknown when Redis cannot be read."""
     query = select(Agent).order_by(Agent.name)
     if args.get("region"):
         query = query.where(Agent.region == args["region"])
+    if args.get("capability"):
+        # Stored comma separated: match the whole word, never a prefix of another capability.
+        query = query.where(("," + Agent.capabilities + ",").contains(f",{args['capability']},"))
+    if args.get("name"):
+        query = query.where(Agent.name.contains(args["name"], autoescape=True))
     if args.get("status"):
-        # Status lives in Redis: filter the whole fleet, then page.
+        status = args["status"]
+        if status in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.DISABLED, AgentStatus.OFFLINE):
+            try:
+                return _agents_with_status(query, args, status)
+            except redis.RedisError:
+                pass  # Redis unreadable: the views below say so (status unknown)
+        # Status lives in Redis (a lease body says "stopping"): filter the whole fleet, then page.
         views, unknown = fleet.fleet_view(db.session.scalars(query).all())
-        views = [v for v in views if v["status"] == args["status"]]
+        views = [v for v in views if v["status"] == status]
         start = (args["page"] - 1) * args["per_page"]
         page = {"items": views[start:start + args["per_page"]], "page": args["page"],
                 "per_page": args["per_page"], "total": len(views)}
-    else:
-        page = paged(query, args)
-        page["items"], unknown = fleet.fleet_view(page["items"])
+        if unknown:
+            page["degraded"] = unknown
+        return page
+    page = paged(query, args)
+    page["items"], unknown = fleet.fleet_view(page["items"])
+    if unknown:
+        page["degraded"] = unknown
+    return page
+
+
+def _agents_with_status(query, args: dict, status: str) -> dict:
+    """A page of agents in a status that lease presence decides: narrow the fleet by the
+    columns the status rule reads, apply the rule with presence (one MGET, nothing decoded),
+    then describe only the page."""
+    query = query.where(Agent.disabled.is_(status == AgentStatus.DISABLED))
+    if status in (AgentStatus.ONLINE, AgentStatus.DRAINING):
+        query = query.where(Agent.desired_state == DesiredState.DRAINING if status == AgentStatus.DRAINING
+                            else Agent.desired_state != DesiredState.DRAINING)
+    rows = db.session.execute(query.with_only_columns(Agent.name, Agent.disabled, Agent.desired_state)).all()
+    live = current_app.extensions["lease_reads"].present([r.name for r in rows])
+    names = [r.name for r in rows if fleet.agent_status(r, {} if r.name in live else None) == status]
+    start = (args["page"] - 1) * args["per_page"]
+    shown = names[start:start + args["per_page"]]
+    records = db.session.scalars(select(Agent).where(Agent.name.in_(shown)).order_by(Agent.name)).all()
+    views, unknown = fleet.fleet_view(records)
+    page = {"items": views, "page": args["page"], "per_page": args["per_page"], "total": len(names)}
     if unknown:
         page["degraded"] = unknown
     return page
@@ -246,6 +302,11 @@ def list_agents(args):
 @admin_required()
 def get_agent(name):
     """One agent with its lease, running jobs, state and the jobs it ran most recently."""
+    return agent_detail(name)
+
+
+def agent_detail(name: str) -> dict:
+    """``describe agent``: the agent's view plus its most recent jobs."""
     views, unknown = fleet.fleet_view([_agent(name)])
     view = views[0]
     if unknown:
@@ -257,10 +318,11 @@ def get_agent(name):
     return view
 
 
-def _set_desired_state(name: str, state: str) -> dict:
+def set_desired_state(name: str, state: str, actor: str) -> dict:
+    """Drain (``draining``) or uncordon (``active``) an agent, and tell its worker at once."""
     agent = _agent(name)
     agent.desired_state = state
-    fleet.audit(g.admin.name, "drain agent" if state == DesiredState.DRAINING else "uncordon agent", name)
+    fleet.audit(actor, "drain agent" if state == DesiredState.DRAINING else "uncordon agent", name)
     db.session.commit()
     fleet.forget_agent(agent)
     view = fleet.describe_agents([agent])[0]
@@ -289,7 +351,7 @@ def _broadcast_queues(agent: Agent, nodename: str | None, state: str) -> None:
 @admin_required("admin")
 def drain_agent(name):
     """Stop the agent taking new jobs; running jobs finish."""
-    return _set_desired_state(name, DesiredState.DRAINING)
+    return set_desired_state(name, DesiredState.DRAINING, g.admin.name)
 
 
 @bp.post("/agents/<name>/uncordon")
@@ -298,7 +360,7 @@ def drain_agent(name):
 @admin_required("admin")
 def uncordon_agent(name):
     """Let a drained agent take jobs again."""
-    return _set_desired_state(name, DesiredState.ACTIVE)
+    return set_desired_state(name, DesiredState.ACTIVE, g.admin.name)
 
 
 def _set_disabled(name: str, disabled: bool) -> dict:
@@ -313,7 +375,7 @@ def _set_disabled(name: str, disabled: bool) -> dict:
         # The hard switch (drain is the graceful one): its jobs go to other agents now, its
         # reports and claims are refused, and its worker stops consuming at once.
         running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
-                                                       Job.status == "running")).all()
+                                                       Job.status == JobStatus.RUNNING)).all()
         for job in running:
             jobs.requeue(job, f"agent {name} disabled by {g.admin.name}")
         current_app.extensions["leases"].release(agent.name)
@@ -350,6 +412,11 @@ def enable_agent(name):
 @admin_required("admin")
 def delete_agent(name):
     """Delete an agent record: its key stops working on its next request."""
+    remove_agent(name, g.admin.name)
+
+
+def remove_agent(name: str, actor: str) -> None:
+    """Delete an agent record, requeueing its running jobs and dropping its lease."""
     agent = _agent(name)
     # Forget the cached identity before and after the delete, so no renewal can slip in.
     fleet.forget_agent(agent)
@@ -359,7 +426,7 @@ def delete_agent(name):
         jobs.requeue(job, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
     db.session.delete(agent)
-    fleet.audit(g.admin.name, "delete agent", name, f"requeued_jobs={len(running)}")
+    fleet.audit(actor, "delete agent", name, f"requeued_jobs={len(running)}")
     db.session.commit()
     fleet.forget_agent(agent)
     current_app.extensions["leases"].release(agent.name)
@@ -374,19 +441,37 @@ def delete_agent(name):
 @admin_required()
 def list_jobs(args):
     """Jobs of every tenant, newest first."""
-    query = select(Job).options(selectinload(Job.tenant))
+    return jobs_page(args)
+
+
+def jobs_page(args: dict) -> dict:
+    """One page of jobs of every tenant, newest first (filters as ``GET /admin/v1/jobs``).
+
+    The page's ids come first from the (created_at, id) index alone, then their rows: a deep
+    page of 100,000 jobs costs an index walk, not reading every skipped row.
+    """
+    query = select(Job.id)
     if args.get("status"):
         query = query.where(Job.status == args["status"])
     if args.get("tenant"):
-        query = query.join(Tenant).where(Tenant.name == args["tenant"])
+        query = query.where(Job.tenant_id == select(Tenant.id).where(Tenant.name == args["tenant"]).scalar_subquery())
     if args.get("agent"):
         query = query.where(Job.agent_name == args["agent"])
+    if args.get("capability"):
+        query = query.where(Job.capability == args["capability"])
+    if args.get("region"):
+        query = query.where(Job.region == args["region"])
     if args.get("since"):
         query = query.where(Job.created_at >= utcnow() - timedelta(seconds=args["since"]))
-    return paged_jobs(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
+    page = paged(query.order_by(Job.created_at.desc(), Job.id.desc()), args)
+    rows = {job.id: job for job in db.session.scalars(
+        select(Job).options(selectinload(Job.tenant)).where(Job.id.in_(page["items"])))}
+    page["items"] = [rows[job_id] for job_id in page["items"] if job_id in rows]
+    return with_queue_positions(page)
 
 
-def _job(job_id: str) -> Job:
+def find_job(job_id: str) -> Job:
+    """The job, or a 404."""
     return jobs.get_job(job_id)
 
 
@@ -396,17 +481,22 @@ def _job(job_id: str) -> Job:
 @admin_required()
 def get_job(job_id):
     """One job."""
-    return _job(job_id)
+    return find_job(job_id)
 
 
 @bp.post("/jobs/<job_id>/retry")
 @bp.response(200, AdminJobOut)
 @bp.errors(404, 409)
 @admin_required("admin")
-def retry_job(job_id):
+def retryfind_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
-    job = jobs.retry(_job(job_id), g.admin.name)
-    fleet.audit(g.admin.name, "retry job", job_id)
+    return retry_job_as(job_id, g.admin.name)
+
+
+def retry_job_as(job_id: str, actor: str) -> Job:
+    """``retry job``: a new attempt of a failed or cancelled job, audited."""
+    job = jobs.retry(find_job(job_id), actor)
+    fleet.audit(actor, "retry job", job_id)
     db.session.commit()
     return job
 
@@ -415,10 +505,15 @@ def retry_job(job_id):
 @bp.response(200, AdminJobOut)
 @bp.errors(404, 409)
 @admin_required("admin")
-def cancel_job(job_id):
+def cancelfind_job(job_id):
     """Cancel a pending, queued or running job (a running scan is stopped on its agent)."""
-    job = jobs.cancel(_job(job_id), g.admin.name)
-    fleet.audit(g.admin.name, "cancel job", job_id)
+    return cancel_job_as(job_id, g.admin.name)
+
+
+def cancel_job_as(job_id: str, actor: str) -> Job:
+    """Cancel a pending, queued or running job, audited."""
+    job = jobs.cancel(find_job(job_id), actor)
+    fleet.audit(actor, "cancel job", job_id)
     db.session.commit()
     return job
 
@@ -432,18 +527,30 @@ def cluster_info():
     Answers within about FLEET_READ_TIMEOUT when Redis hangs or is down: what Redis holds
     (leases, queue depths, consumers) is then reported unknown, the rest comes from the database.
     """
-    checks = check_dependencies()
-    redis_ok = checks["redis"] == "ok"
-    # Columns, not ORM objects, and lease bodies without TTLs: one query and one MGET
-    # even for a fleet of thousands.
+    return cluster_overview()
+
+
+def fleet_snapshot() -> tuple[list, dict | None]:
+    """Every agent's columns and lease body (None if Redis is unreadable).
+
+    Columns, not ORM objects, and lease bodies without TTLs: one query and one MGET even
+    for a fleet of thousands.
+    """
     agents = db.session.execute(select(Agent.id, Agent.name, Agent.region, Agent.capabilities,
                                        Agent.max_jobs, Agent.desired_state, Agent.disabled)).all()
-    leases = None
-    if redis_ok:
-        try:
-            leases = current_app.extensions["lease_reads"].get_many([a.name for a in agents], with_ttl=False)
-        except redis.RedisError as exc:
-            checks["redis"] = f"error: {exc.__class__.__name__}"
+    try:  # the short-timeout client: a hung Redis costs one FLEET_READ_TIMEOUT
+        leases = current_app.extensions["lease_reads"].get_many([a.name for a in agents], with_ttl=False)
+    except redis.RedisError:
+        leases = None  # unreadable: report what the database knows rather than fail
+    return list(agents), leases
+
+
+def cluster_overview(snapshot: tuple[list, dict | None] | None = None) -> dict:
+    """``cluster-info``: dependencies, agents by region, capacity, queue depth, jobs."""
+    checks = check_dependencies()
+    agents, leases = snapshot or fleet_snapshot()
+    if leases is None and checks["redis"] == "ok":
+        checks["redis"] = "error: lease read failed"
     running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
         Job.status == JobStatus.RUNNING).group_by(Job.agent_id)).all())
     regions: dict[str, dict] = {}
@@ -478,11 +585,13 @@ def cluster_info():
         depths = brokers.depths(queues)  # None for a queue whose broker is unreachable
     unconsumed = sorted(q for q in queues if consumers[q] == 0 and ((depths[q] or 0) > 0 or waiting.get(q, 0) > 0))
     since = utcnow() - timedelta(hours=24)
-    counts: dict[str, int | None] = dict(jobs.status_counts())
-    counts["failed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == JobStatus.FAILED, Job.finished_at >= since))
-    counts["completed_24h"] = db.session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == JobStatus.COMPLETED, Job.finished_at >= since))
+    counts: dict[str, int] = dict(jobs.status_counts())
+    # One pass over the last day's finished jobs (finished_at index), not every completed job ever.
+    finished = dict(db.session.execute(select(Job.status, func.count()).where(
+        Job.finished_at >= since, Job.status.in_((JobStatus.FAILED, JobStatus.COMPLETED)))
+        .group_by(Job.status)).all())
+    counts["failed_24h"] = finished.get(JobStatus.FAILED, 0)
+    counts["completed_24h"] = finished.get(JobStatus.COMPLETED, 0)
     info = {
         "api": "ok", "version": __version__, **checks,
         "agents": {"total": len(agents), "by_status": by_status, "by_region": regions},
@@ -509,6 +618,11 @@ def cluster_info():
 @admin_required()
 def list_audit(args):
     """The audit log, newest first: who did what to which object, and when."""
+    return audit_page(args)
+
+
+def audit_page(args: dict) -> dict:
+    """One page of the audit log, newest first (filters: actor, action, target, since)."""
     query = select(AuditEvent)
     for column in ("actor", "action", "target"):
         if args.get(column):

@@ -28,6 +28,7 @@ from ..destinations import DestinationPolicy
 from ..metrics import REQUEST_LATENCY
 from ..routing import queue_for
 from . import Api, admin, health, platform, tenants
+from .console import init_console
 from .errors import register_error_handlers
 
 __all__ = ["create_app", "init_db"]
@@ -88,12 +89,14 @@ def create_app(test_config: dict | None = None) -> Flask:
     for blueprint in (platform.bp, tenants.bp, admin.bp, health.bp):
         api.register_blueprint(blueprint)
     _serve_docs_assets(app)
+    init_console(app)
     register_error_handlers(app)
     _guard_requests(app)
     _observe_requests(app)
     proxies = _non_negative_int(app, "PROXY_COUNT")
     if proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)  # type: ignore[method-assign]  # Flask's documented way
+        # x_proto too: the console's Secure cookie behind a TLS proxy. Assigning wsgi_app is Flask's documented way.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
     return app
 
 

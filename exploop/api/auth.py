@@ -29,7 +29,7 @@ from . import document
 logger = logging.getLogger(__name__)
 
 __all__ = ["agent_required", "tenant_required", "admin_required", "bearer_token",
-           "auth_failure", "documented_auth", "authenticate", "SCHEMES"]
+           "auth_failure", "documented_auth", "authenticate", "find_admin_token", "refuse_credential", "SCHEMES"]
 
 #: OpenAPI security scheme per credential kind (all bearer tokens, told apart by prefix).
 SCHEMES = {"agent": "agentKey", "tenant": "tenantKey", "admin": "adminToken"}
@@ -80,6 +80,16 @@ def _unauthorized(kind: str, reason: str | None = None):
         logger.warning("authentication failed audience=%s path=%s remote=%s%s", kind, request.path,
                        request.remote_addr, f" reason={reason}" if reason else "")
     return error
+
+
+def find_admin_token(raw: str | None) -> AdminToken | None:
+    """The admin token record matching ``raw`` (revoked ones included), or None."""
+    return _lookup(AdminToken, raw, "radmin_")
+
+
+def refuse_credential(kind: str, reason: str | None = None) -> ApiError:
+    """A failed authentication of ``kind``, logged and counted toward the ban: 401, or 429 past it."""
+    return _unauthorized(kind, reason)
 
 
 def documented_auth(kind: str):

@@ -534,6 +534,9 @@ class AgentPage(Page):
 
 class AgentListArgs(PageArgs):
     region = fields.String(validate=_REGION)
+    capability = fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR))
+    name = fields.String(validate=validate.Length(min=1, max=100),
+                         metadata={"description": "agents whose name contains this text"})
     status = fields.String(validate=validate.OneOf(AGENT_STATUSES))
 
 
@@ -548,6 +551,8 @@ class AdminJobPage(Page):
 class AdminJobListArgs(JobListArgs):
     tenant = fields.String(validate=_NAME)
     agent = fields.String(validate=_NAME, metadata={"description": "jobs last held by this agent"})
+    capability = fields.String(validate=validate.OneOf(CAPABILITIES, error=CAPABILITY_ERROR))
+    region = fields.String(validate=_REGION)
     since = Duration(metadata={"description": "only jobs created in this window, e.g. 24h"})
 
 

@@ -44,7 +44,11 @@ def paged(query, args):
 
 def paged_jobs(query, args):
     """A page of jobs with their queue positions computed for the whole page at once."""
-    envelope = paged(query, args)
+    return with_queue_positions(paged(query, args))
+
+
+def with_queue_positions(envelope: dict) -> dict:
+    """Set the page's queue positions, computed for the whole page in a few statements."""
     positions = jobs.queue_positions(envelope["items"])
     for job in envelope["items"]:
         job.page_queue_position = positions[job.id]  # read by JobOut (plain attribute, not a column)

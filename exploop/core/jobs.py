@@ -32,7 +32,7 @@ from ..vocabulary import ADMITTED_STATUSES, FINAL_STATUSES, SEVERITIES, UNFINISH
 from . import vault
 from .exceptions import ApiError
 from .extensions import db
-from .models import Agent, Finding, Job, Tenant, utcnow
+from .models import Agent, Finding, Job, JobAttempt, Tenant, utcnow
 from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
            "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url",
-           "adopt_incarnation", "requeue_lost", "status_counts", "get_job", "queue_positions"]
+           "adopt_incarnation", "requeue_lost", "status_counts", "get_job", "queue_positions", "attempts_of"]
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
@@ -391,6 +391,19 @@ def publish(job: Job) -> bool:
     return True
 
 
+def _end_attempt(job: Job, outcome: str, reason: str | None = None) -> None:
+    """Close the job's current attempt record (in the caller's transaction), if it is open."""
+    db.session.execute(update(JobAttempt).where(
+        JobAttempt.job_id == job.id, JobAttempt.attempt == job.attempt, JobAttempt.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome=outcome, reason=reason))
+
+
+def attempts_of(job: Job) -> list[JobAttempt]:
+    """The job's attempts, first to last: who ran each, when, and how it ended."""
+    return list(db.session.scalars(select(JobAttempt).where(JobAttempt.job_id == job.id)
+                                   .order_by(JobAttempt.attempt)))
+
+
 def _get_job(job_id: str) -> Job:
     job = db.session.get(Job, job_id)
     if job is None:
@@ -421,6 +434,8 @@ def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = Non
                 started_at=now, progress=0, run_deadline=now + timedelta(seconds=job.time_limit),
                 progress_message=None, job_token_hash=hash_token(token),
                 job_token_expires_at=now + timedelta(seconds=job.time_limit + grace)))
+    if result.rowcount == 1:  # every attempt number is claimed at most once: its record starts here
+        db.session.add(JobAttempt(job_id=job_id, attempt=attempt, agent_name=agent.name, started_at=now))
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:
@@ -512,6 +527,7 @@ def complete(agent: Agent, job_id: str, attempt: int, findings: list[dict], summ
     job.incomplete_json = json.dumps([{k: item.get(k) for k in ("path", "ecosystem", "reason")}
                                       for item in incomplete]) if incomplete else None
     job.status, job.progress, job.finished_at, job.error = JobStatus.COMPLETED, 100, utcnow(), None
+    _end_attempt(job, JobStatus.COMPLETED)
     db.session.commit()
     _finished(job, JobStatus.COMPLETED)
     logger.info("job completed job_id=%s attempt=%s agent=%s tenant_id=%s findings=%d",
@@ -525,12 +541,14 @@ def requeue(job: Job, reason: str) -> Job:
     if job.attempt >= job.max_attempts:
         job.status, job.finished_at = JobStatus.FAILED, utcnow()
         job.error = f"{reason} (attempt {job.attempt} of {job.max_attempts})"
+        _end_attempt(job, "failed", reason)
         db.session.commit()
         JOBS_FINISHED.labels(job.capability, job.region, JobStatus.FAILED).inc()
         logger.error("job failed permanently job_id=%s attempts=%s reason=%s",
                      job.id, job.attempt, reason)
         admit_pending(job.tenant_id)
         return job
+    _end_attempt(job, "requeued", reason)
     job.attempt += 1
     job.status, job.agent_id, job.error = JobStatus.QUEUED, None, reason
     job.queued_at, job.started_at, job.progress = utcnow(), None, 0
@@ -553,6 +571,7 @@ def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
         _finished(job, "retried")
         return requeue(job, error)
     job.status, job.finished_at, job.error = JobStatus.FAILED, utcnow(), error
+    _end_attempt(job, JobStatus.FAILED, error)
     db.session.commit()
     _finished(job, JobStatus.FAILED)
     logger.error("job failed permanently job_id=%s attempt=%s agent=%s error=%s",
@@ -593,6 +612,8 @@ def cancel(job: Job, actor: str) -> Job:
     result = _execute(update(Job).where(Job.id == job.id, Job.status == was).values(
         status=JobStatus.CANCELLED, finished_at=utcnow(), cancelled_by=actor, error=f"cancelled by {actor}",
         repo_credentials=None))
+    if result.rowcount == 1 and was == JobStatus.RUNNING:
+        _end_attempt(job, JobStatus.CANCELLED, f"cancelled by {actor}")
     db.session.commit()
     db.session.refresh(job)
     if result.rowcount != 1:  # it changed under us (claimed, finished): say what it is now

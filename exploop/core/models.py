@@ -15,7 +15,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from ..vocabulary import FINAL_STATUSES, DesiredState, JobStatus
 from .extensions import Base, db
 
-__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "Finding", "AuditEvent"]
+__all__ = ["utcnow", "Tenant", "Agent", "BootstrapToken", "AdminToken", "Job", "JobAttempt", "Finding",
+           "AuditEvent"]
 
 if TYPE_CHECKING:  # db.Model is Base with Flask-SQLAlchemy's query helpers, built at run time
     Model = Base
@@ -113,7 +114,11 @@ class Job(Model):
                       Index("ix_jobs_status_tenant", "status", "tenant_id", "created_at"),
                       # Job lists, newest first: a tenant's, and everyone's by status.
                       Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
-                      Index("ix_jobs_status_created", "status", "created_at", "id"))
+                      Index("ix_jobs_status_created", "status", "created_at", "id"),
+                      # Pages of the admin job list walk this index alone (exploop.api.admin.jobs_page).
+                      Index("ix_jobs_created_at_id", "created_at", "id"),
+                      # Finished jobs by status and time: cluster-info's last day, the console's last hour.
+                      Index("ix_jobs_status_finished_at", "status", "finished_at"))
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_job_id)
     tenant_id: Mapped[int] = mapped_column(Integer, ForeignKey("tenants.id"))
     capability: Mapped[str] = mapped_column(String(16))
@@ -160,6 +165,22 @@ class Job(Model):
     @property
     def incomplete(self) -> list[dict] | None:
         return json.loads(self.incomplete_json) if self.incomplete_json else None
+
+
+class JobAttempt(Model):
+    """One attempt of a job on one agent: the timeline operators read (claim to outcome)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "attempt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    agent_name: Mapped[str | None] = mapped_column(String(100))
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # running | completed | failed | requeued | cancelled
+    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Finding(Model):

@@ -202,6 +202,7 @@ class LocalStack:
 Exploop is running (Ctrl-C stops everything; logs in {self.logs})
 
   API       {self.api_url}      (health: {self.api_url}/health, OpenAPI: {self.api_url}/openapi.json)
+  Console   {self.api_url}/ui/      (sign in with the admin token below)
   Flower    http://127.0.0.1:{self.flower_port}
   Redis     {self.redis_url}
   Agent     {AGENT_NAME}, region {REGION}, capabilities sast,sca,secrets

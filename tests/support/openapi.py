@@ -18,6 +18,8 @@ __all__ = ["start_stack", "openapi_document", "operations", "Operation", "World"
 
 #: Routes that are not API operations: the document itself, its rendered page, static files.
 NOT_OPERATIONS = {"static", "docs_static", "api-docs.openapi_json", "api-docs.openapi_swagger_ui"}
+#: The admin console (/ui/) serves HTML pages, not API operations: its endpoints start so.
+CONSOLE_PREFIX = "console."
 
 
 def start_stack(tmp: Path, workers: int = 1, threads: int = 8, **env: str) -> LiveStack:

@@ -1,0 +1,110 @@
+"""What the console's Fleet page shows: region x capability placements and the last hour.
+
+Built from the same sources as ``cluster-info`` (agent records, one MGET of their leases,
+queue depths from the broker, job records), with the same status rule
+(:func:`exploop.fleet.agent_status`), so the page and the CLI never disagree.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import redis
+from flask import current_app
+from sqlalchemy import and_, case, func, or_, select
+
+from ..core import fleet
+from ..core.extensions import db
+from ..core.models import Job, utcnow
+from ..routing import queue_for
+from ..vocabulary import FINAL_STATUSES
+
+__all__ = ["placements", "hour_series", "sparkline"]
+
+WAITING = ("pending", "queued")
+STATUSES = ("online", "draining", "disabled", "stopping", "offline")
+
+
+def placements(snapshot: tuple[list, dict | None]) -> list[dict]:
+    """One row per (region, capability) that has agents, a queue or waiting jobs.
+
+    ``snapshot`` is :func:`exploop.api.admin.fleet_snapshot`'s (shared with the summary).
+    ``problem`` is set when jobs wait there and no live agent consumes the queue.
+    """
+    agents, leases = snapshot
+    rows: dict[tuple[str, str], dict] = {}
+
+    def row(region: str, capability: str) -> dict:
+        found = rows.get((region, capability))
+        if found is None:
+            found = rows[(region, capability)] = {
+                "region": region, "capability": capability, **{s: 0 for s in STATUSES}, "unknown": 0,
+                "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None}
+        return found
+
+    for agent in agents:
+        lease = leases.get(agent.name) if leases is not None else None
+        # Redis unreadable: say so rather than call every agent offline (as cluster-info does).
+        status = fleet.agent_status(agent, lease) if leases is not None or agent.disabled else "unknown"
+        for capability in [c for c in agent.capabilities.split(",") if c]:
+            r = row(agent.region, capability)
+            r[status] += 1
+            if status in ("online", "draining", "stopping") and lease is not None:
+                used = int(lease.get("jobs_running", 0))
+                r["slots_used"] += used
+                if status == "online":
+                    r["slots_free"] += max(0, int(lease.get("max_jobs") or agent.max_jobs) - used)
+    now = utcnow()
+    waiting = db.session.execute(select(Job.region, Job.capability, func.count(), func.min(Job.created_at))
+                                 .where(Job.status.in_(WAITING)).group_by(Job.region, Job.capability)).all()
+    for region, capability, count, oldest in waiting:
+        r = row(region, capability)
+        r["waiting"], r["oldest_wait"] = count, int((now - oldest).total_seconds())
+    for region in current_app.config["REGIONS"].split(","):
+        if region.strip():
+            for capability in ("sast", "sca", "secrets"):
+                if (region.strip(), capability) not in rows:
+                    row(region.strip(), capability)
+    try:
+        depths = current_app.extensions["brokers"].depths([queue_for(c, r) for r, c in rows])
+    except redis.RedisError:
+        depths = {}
+    for (region, capability), r in rows.items():
+        r["depth"] = depths.get(queue_for(capability, region))
+        r["queue"] = queue_for(capability, region)
+        r["problem"] = (bool(r["depth"]) or r["waiting"] > 0) and r["online"] == 0
+    return sorted(rows.values(), key=lambda r: (not r["problem"], r["region"], r["capability"]))
+
+
+def hour_series(buckets: int = 12) -> dict:
+    """Jobs finished and jobs waiting over the last hour, in ``buckets`` steps, from job records.
+
+    Waiting at an instant = created before it and neither started nor finished by then (a
+    requeued job counts from its last start). The database sums both series in one pass
+    each over the jobs active within the hour ((status, finished_at) index), so the page
+    never reads the history, nor the waiting jobs themselves, into the API.
+    """
+    now = utcnow()
+    start = now - timedelta(hours=1)
+    step = timedelta(hours=1) / buckets
+    edges = [start + step * (i + 1) for i in range(buckets)]
+    finished = db.session.execute(select(*[
+        func.coalesce(func.sum(case((Job.finished_at < edge, 1), else_=0)), 0) for edge in edges]).where(
+        Job.status.in_(FINAL_STATUSES), Job.finished_at >= start)).one()
+    throughput = [int(finished[0])] + [int(finished[i]) - int(finished[i - 1]) for i in range(1, buckets)]
+    waiting = db.session.execute(select(*[
+        func.coalesce(func.sum(case((and_(Job.created_at <= t, or_(Job.started_at.is_(None), Job.started_at > t),
+                                          or_(Job.finished_at.is_(None), Job.finished_at > t)), 1), else_=0)), 0)
+        for t in edges]).where(or_(Job.status.in_(("pending", "queued", "running")),
+                                   and_(Job.status.in_(FINAL_STATUSES), Job.finished_at >= start)))).one()
+    return {"throughput": throughput, "waiting": [int(n) for n in waiting],
+            "step_minutes": int(step.total_seconds() // 60)}
+
+
+def sparkline(values: list[int], width: int = 240, height: int = 48) -> dict:
+    """Points of an SVG polyline for ``values`` (server-side chart: no script, no library)."""
+    top = max(values) if values and max(values) > 0 else 1
+    n = max(1, len(values) - 1)
+    points = " ".join(f"{i * width / n:.1f},{height - v * (height - 4) / top - 2:.1f}"
+                      for i, v in enumerate(values))
+    return {"points": points, "max": max(values) if values else 0, "last": values[-1] if values else 0,
+            "width": width, "height": height}
