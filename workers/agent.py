@@ -24,7 +24,7 @@ from celery.signals import worker_process_init
 from exploop import __version__
 from exploop.celery_app import make_celery
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
-from exploop.config import DEFAULT_KEY_FILE, AgentSettings, ConfigError, agent_key_file
+from exploop.config import DEFAULT_KEY_FILE, AgentSettings, ConfigError, ScannerSettings, agent_key_file
 from exploop.logs import setup_logging
 from exploop.routing import queues_for
 from exploop.vocabulary import DesiredState
@@ -57,6 +57,7 @@ class AgentRuntime:
     heartbeat_interval: float
     host: str
     client: PlatformClient = field(repr=False)
+    scanner_settings: ScannerSettings = field(repr=False)
     desired_state: str = DesiredState.ACTIVE
     version: str = __version__
     # Simulated scans (benchmarks and fleet tests only): sleep this long, report no findings.
@@ -205,6 +206,8 @@ def build_runtime(settings: AgentSettings) -> tuple[AgentRuntime, dict]:
         max_jobs=settings.max_concurrent_jobs or identity["max_jobs"],
         heartbeat_interval=settings.heartbeat_interval, host=settings.host,
         desired_state=identity["desired_state"], client=client,
+        # Read at start so a bad SCANNER_MEMORY_LIMIT or REPO_SIZE_LIMIT stops the agent at once.
+        scanner_settings=ScannerSettings.from_env(),
         simulated_scan_seconds=settings.simulated_scan_seconds)
     return runtime, config
 

@@ -17,7 +17,7 @@ import threading
 import time
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
-from exploop.config import AgentSettings, ScannerSettings
+from exploop.config import AgentSettings
 
 from . import tasks
 from .lease_manager import KEY_REFUSED, LeaseManager
@@ -186,5 +186,4 @@ class HttpAgent:
 
 def run_http(settings: AgentSettings, runtime) -> int:
     """Run the HTTP agent until SIGTERM (or its key is refused)."""
-    tasks._settings.append(ScannerSettings.from_env())  # bad scanner settings stop the agent now
     return HttpAgent(settings, runtime).run()

@@ -47,7 +47,6 @@ MAX_FINDINGS = 100_000  # CompleteIn's limit
 MAX_REPORT_BYTES = 15 * 1024 * 1024  # under the API's 16 MiB MAX_CONTENT_LENGTH, with room for the summary
 
 _clients: dict[int, PlatformClient] = {}
-_settings: list[ScannerSettings] = []  # the agent's scanner settings, read once at start
 _mirrors: dict[str, MirrorCache] = {}  # the cache of repository mirrors, by directory
 
 
@@ -96,9 +95,6 @@ class OutcomeRequest(Request):
 
 def register_tasks(app: Celery) -> None:
     """Register the scan task on the agent's Celery app."""
-    # Read at start so a bad SCANNER_MEMORY_LIMIT or REPO_SIZE_LIMIT stops the agent at once.
-    _settings.append(ScannerSettings.from_env())
-
     @app.task(name=RUN_SCAN, bind=True, acks_late=True, reject_on_worker_lost=False, Request=OutcomeRequest)
     def run_scan(self, job_id: str, attempt: int, capability: str, region: str):
         runtime = app.exploop_runtime
@@ -154,7 +150,8 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             summary: dict = {"engines": [], "simulated": True}
             incomplete: list | None = None
         else:
-            findings, summary, incomplete = _scan(client, spec, started + spec["time_limit"], runtime)
+            findings, summary, incomplete = _scan(client, spec, started + spec["time_limit"],
+                                                  runtime.scanner_settings, runtime)
     except JobCancelled as exc:
         if str(exc) == "cancelled":
             logger.info("job cancelled, stopped %s", fields)
@@ -168,12 +165,12 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
             # The runbook's line for the last attempt: the API fails the job for good.
             logger.error("job failed permanently %s: %s", fields, exc)
         # Bound now (the name `exc` ends with the except block); no agent paths for the tenant.
-        message, retry = tenant_safe(str(exc)), exc.retry
+        message, retry = tenant_safe(str(exc), runtime.scanner_settings), exc.retry
         _report(lambda: client.fail(job_id, attempt, token, message, retry=retry), fields, runtime)
         return "failed"
     except Exception as exc:  # a scanner bug must fail the job, not the agent
         logger.exception("job crashed %s", fields)
-        message = tenant_safe(f"agent error: {exc.__class__.__name__}: {exc}")
+        message = tenant_safe(f"agent error: {exc.__class__.__name__}: {exc}", runtime.scanner_settings)
         _report(lambda: client.fail(job_id, attempt, token, message, retry=True), fields, runtime)
         return "failed"
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
@@ -184,10 +181,9 @@ def _run(runtime, client: PlatformClient, spec: dict, fields: str) -> str:
     return "completed"
 
 
-def tenant_safe(message: str, settings: ScannerSettings | None = None) -> str:
+def tenant_safe(message: str, settings: ScannerSettings) -> str:
     """An error as the tenant may see it: the agent's own file system paths (workspace,
     OSV database, home, installation) replaced, a path inside the checkout made relative."""
-    settings = settings or (_settings[-1] if _settings else ScannerSettings.from_env())
     # <tmp>/exploop-<job>-xxxx/repo/app.py -> app.py; the workspace itself -> <workspace>
     message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+/repo/", "", message)
     message = re.sub(r"(?:/[^\s'\"/:]+)*/exploop-[^\s'\"/:]+", "<workspace>", message)
@@ -213,8 +209,8 @@ def _scanner_args(capability: str, settings: ScannerSettings) -> list[str]:
     return []
 
 
-def _scan(client: PlatformClient, spec: dict, deadline: float, runtime=None) -> tuple[list, dict, list | None]:
-    settings = _settings[-1] if _settings else ScannerSettings.from_env()
+def _scan(client: PlatformClient, spec: dict, deadline: float, settings: ScannerSettings,
+          runtime=None) -> tuple[list, dict, list | None]:
     capability = spec["capability"]
     module = SCANNERS.get(capability)
     if module is None:

@@ -31,8 +31,8 @@ def _spec(repo, capability, ref="main"):
 def test_sca_findings_are_reduced_to_the_stored_shape(tmp_path, client, monkeypatch):
     repo = tmp_path / "repo"
     head = commit(repo, {"requirements.txt": "Jinja2==2.10\n"})
-    monkeypatch.setattr(tasks, "_settings", [ScannerSettings(osv_db_dir=write_osv_db(tmp_path / "osv"))])
-    findings, summary, incomplete = tasks._scan(client, _spec(repo, "sca"), time.monotonic() + 60)
+    settings = ScannerSettings(osv_db_dir=write_osv_db(tmp_path / "osv"))
+    findings, summary, incomplete = tasks._scan(client, _spec(repo, "sca"), time.monotonic() + 60, settings)
     assert incomplete is None
     assert [f["rule_id"] for f in findings] == ["PYSEC-2019-217", "PYSEC-2021-66"]
     assert all(set(f) <= set(tasks._FINDING_FIELDS) and f["commit"] == head for f in findings)
@@ -40,15 +40,13 @@ def test_sca_findings_are_reduced_to_the_stored_shape(tmp_path, client, monkeypa
 
 
 def test_sca_without_database_fails_before_cloning(tmp_path, client, monkeypatch):
-    monkeypatch.setattr(tasks, "_settings", [ScannerSettings()])
     with pytest.raises(JobError, match="OSV database not configured on this agent: set OSV_DB_DIR"):
-        tasks._scan(client, _spec(tmp_path / "nowhere", "sca"), time.monotonic() + 60)
+        tasks._scan(client, _spec(tmp_path / "nowhere", "sca"), time.monotonic() + 60, ScannerSettings())
 
 
 def test_too_many_findings_fail_clearly(tmp_path, client, monkeypatch):
     repo = tmp_path / "repo"
     commit(repo, {"a.py": "import pickle\npickle.loads(b'')\n"})
-    monkeypatch.setattr(tasks, "_settings", [ScannerSettings(semgrep_bin="none")])
     monkeypatch.setattr(tasks, "MAX_FINDINGS", 1)
     with pytest.raises(JobError, match="scanner sast reported 2 findings; a job stores at most 1"):
-        tasks._scan(client, _spec(repo, "sast"), time.monotonic() + 60)
+        tasks._scan(client, _spec(repo, "sast"), time.monotonic() + 60, ScannerSettings(semgrep_bin="none"))

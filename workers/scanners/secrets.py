@@ -20,9 +20,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .common import ScanError, fingerprint, number_duplicates, run_main
+from .common import ScanError, make_finding, number_duplicates, run_main
 
 if TYPE_CHECKING:
     from detect_secrets.core.potential_secret import PotentialSecret
@@ -56,16 +56,12 @@ def mask(value: str) -> str:
 
 def _secret_finding(engine: str, rule: str, path: str, line: int | None, value: str,
                     severity: str, confidence: str, commit: str | None, message: str) -> dict:
-    secret_hash = hashlib.sha256(value.encode()).hexdigest()
-    item = {
-        "rule_id": rule, "severity": severity, "confidence": confidence, "path": path,
-        "start_line": line, "end_line": line, "message": message, "engine": engine,
-        "cwe": "CWE-798", "fingerprint": fingerprint(engine, rule, path, secret_hash),
-        "secret_hash": secret_hash, "preview": mask(value),
-    }
+    secret_hash = hashlib.sha256(value.encode()).hexdigest()  # keyed per tenant by the API (core.vault)
+    extra: dict[str, Any] = {"secret_hash": secret_hash, "preview": mask(value)}
     if commit:
-        item["commit"] = commit
-    return item
+        extra["commit"] = commit
+    return make_finding(engine=engine, rule_id=rule, severity=severity, path=path, message=message,
+                        start_line=line, confidence=confidence, cwe="CWE-798", basis=secret_hash, **extra)
 
 
 def _git(root: str, *args: str) -> str:
