@@ -203,7 +203,8 @@ def login():
 
 def _login_form(error: str | None, status: int) -> Response:
     form_token = secrets.token_urlsafe(32)
-    response = Response(render_template("console/login.html", error=error, login_csrf=form_token), status)
+    response = Response(render_template("console/login.html", error=error, login_csrf=form_token), status,
+                        mimetype="text/html")
     set_cookie(response, LOGIN_COOKIE, form_token, "/ui/login", max_age=3600)
     return response
 
