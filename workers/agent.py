@@ -26,6 +26,7 @@ from exploop.celery_app import make_celery
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import DEFAULT_KEY_FILE, AgentSettings, ConfigError, ScannerSettings, agent_key_file
 from exploop.logs import setup_logging
+from exploop.retry import backoff
 from exploop.routing import queues_for
 from exploop.vocabulary import DesiredState
 
@@ -144,7 +145,7 @@ def _with_retries(call, what: str, attempts: int = 6):
                          exc.url, what, n + 1, attempts)
             if n == attempts - 1:
                 raise
-            time.sleep(min(2 ** n, 15))
+            time.sleep(backoff(n, base=1, cap=15))
 
 
 def obtain_key(settings: AgentSettings) -> str:

@@ -18,6 +18,7 @@ import time
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import AgentSettings
+from exploop.retry import backoff
 
 from . import tasks
 from .lease_manager import KEY_REFUSED, LeaseManager
@@ -98,7 +99,7 @@ class HttpAgent:
                 failures += 1
                 what = "failed to connect to API" if isinstance(exc, ApiConnectionError) else "API error"
                 logger.warning("poll failed, retrying (%s: %s) failures=%d", what, exc.message, failures)
-                self.stopping.wait(min(0.5 * 2 ** min(failures, 5), 15))
+                self.stopping.wait(backoff(failures, base=0.5, cap=15))
                 continue
             failures = 0
             if handout is None:

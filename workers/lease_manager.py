@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
+from exploop.retry import backoff
 
 logger = logging.getLogger("exploop.agent")
 
@@ -153,7 +154,7 @@ class LeaseManager:
             return self.interval * random.uniform(0.9, 1.1)
         # Back off, but always try again well inside one interval, and wake when the lease
         # runs out so the fence goes up on time.
-        delay = min(self.interval, 0.5 * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.0)
+        delay = backoff(self.failures - 1, base=0.5, cap=self.interval)
         remaining = self.lease_remaining()
         return min(delay, remaining + 0.01) if remaining > 0 else delay
 

@@ -22,6 +22,7 @@ from celery.worker.request import Request
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import ScannerSettings
 from exploop.destinations import DestinationPolicy
+from exploop.retry import backoff
 from exploop.routing import RUN_SCAN
 
 from .lease_manager import KEY_REFUSED_SIGNAL
@@ -314,5 +315,5 @@ def _report(call, fields: str, runtime=None, patience: float = REPORT_PATIENCE) 
                              " requeue it", fields, patience, exc.message)
                 return False
             logger.error("%s reporting %s: %s; retrying", reason, fields, exc.message)
-            time.sleep(min(2 ** n, 10))
+            time.sleep(backoff(n, base=1, cap=10))
             n += 1

@@ -115,3 +115,13 @@ def test_redact_url_hides_userinfo_only():
     assert redact_url("https://user:tok@git.example.com/a/b.git") == "https://***@git.example.com/a/b.git"
     assert redact_url("ssh://git@host/x") == "ssh://***@host/x"
     assert redact_url("https://host/a@b") == "https://host/a@b"
+
+
+def test_backoff_grows_is_capped_and_jitter_only_shortens():
+    from exploop.retry import backoff
+    for attempt, full in ((0, 0.5), (1, 1.0), (3, 4.0), (10, 15.0), (10_000, 15.0)):
+        delays = [backoff(attempt) for _ in range(200)]
+        assert all(0.8 * full <= d <= full for d in delays), (attempt, min(delays), max(delays))
+        assert len(set(delays)) > 1  # jittered: a fleet does not retry in lock step
+    assert backoff(5, base=1, cap=3, jitter=0) == 3
+    assert backoff(-1, base=2, jitter=0) == 2
