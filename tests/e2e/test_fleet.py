@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.stack import make_git_repo
+
 pytestmark = pytest.mark.e2e
 
 
@@ -120,7 +122,10 @@ def test_always_crashing_scanner_fails_every_job_permanently(stack, tmp_path):
     os.symlink(shutil.which("python3") or "/usr/bin/python3", bin_dir / "python3")
     stack.start_agent("agent-broken", PATH=str(bin_dir), MAX_CONCURRENT_JOBS="4")
     stack.wait_agent_online("agent-broken")
-    job_ids = [stack.submit(tenant, repo_url=f"https://git.example.invalid/r{i}.git") for i in range(50)]
+    # A local repository: the destination policy (which refuses a host it cannot resolve before
+    # any git runs) has nothing to say, so each attempt crashes in the checkout itself.
+    repo_url = make_git_repo(tmp_path / "repo", {"app.py": "x = 1\n"})
+    job_ids = [stack.submit(tenant, repo_url=repo_url) for _ in range(50)]
     stack.wait_for(lambda: status_counts(stack, job_ids).get("failed") == 50, 120, "all failed")
     for job_id in job_ids[:5]:
         job = stack.job(job_id)
