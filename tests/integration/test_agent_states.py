@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from exploop.client import ApiClientError, PlatformClient
+from exploop.config import agent_key_file
 from tests.support.fleet import completions, executions
 from tests.support.live_stack import cli
 
@@ -26,8 +27,9 @@ def running_on(stack, job_id):
     return job["agent"] if job["status"] == "running" else None
 
 
-def saved_key(home) -> str:
-    return json.loads((home / ".exploop" / "agent.json").read_text())["api_key"]
+def saved_key(home, name: str) -> str:
+    """The key the agent named ``name`` saved (one file per agent name)."""
+    return json.loads(agent_key_file(home / ".exploop", name).read_text())["api_key"]
 
 
 def test_a_graceful_stop_shows_stopping_then_offline_without_the_alert(stack):
@@ -68,7 +70,7 @@ def test_a_disabled_agent_is_refused_leases_and_claims_until_enabled(stack, tmp_
     assert result.stdout.strip() == "agent/agent-a disabled: takes no jobs until enabled; 1 running job requeued"
     assert status(stack, "agent-a") == "disabled"
     assert stack.job(job_id)["attempt"] == 2  # requeued at once
-    client = PlatformClient(stack.url, saved_key(home))
+    client = PlatformClient(stack.url, saved_key(home, "agent-a"))
     for call in (lambda: client.renew_lease({"heartbeat_interval": 1}), lambda: client.claim(job_id, 2)):
         with pytest.raises(ApiClientError) as refused:
             call()
