@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.fleet import alive, children_of, completions, executions, signal_all
 from tests.support.proxy import TcpProxy
+from tests.support.stack import make_git_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -142,7 +143,8 @@ def test_scanners_die_with_a_killed_agent_and_its_checkouts_are_swept(stack, tmp
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_dir), "MAX_CONCURRENT_JOBS": "1"}
     agent = stack.start_agent("agent-a", home=home, **env)
     stack.wait_agent_online("agent-a")
-    job_id = stack.submit(tenant)
+    # A local repository: the destination policy lets it through, so the (fake, hanging) git runs.
+    job_id = stack.submit(tenant, repo_url=make_git_repo(tmp_path / "repo", {"app.py": "x = 1\n"}))
     stack.wait_for(lambda: pids.exists() and pids.read_text().strip(), 30, "checkout in progress")
     scanner = int(pids.read_text().split()[0])
     checkouts = tmp_dir / "exploop-work-agent-a"
