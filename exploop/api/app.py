@@ -202,16 +202,18 @@ def _sqlite_pragmas(dbapi_connection, connection_record):
         cursor.close()
 
 
-def init_db(app: Flask) -> None:
+def init_db(app: Flask, check_keys: bool = True) -> None:
     """Migrate the database to the latest revision (run once before the server forks its workers).
 
     Concurrent starts are safe: ``exploop.core.migrate.upgrade`` holds a migration lock.
+    ``check_keys=False`` for commands that never open sealed values (``create-admin-token``).
     """
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     upgrade(app)
-    check_keyring(app)  # stored credentials no configured key opens: refuse to start
+    if check_keys:
+        check_keyring(app)  # stored credentials no configured key opens: refuse to start
 
 
 def _broker(app: Flask, url: str, client: redis.Redis, regions: list[str], time_limit: float,

@@ -20,14 +20,14 @@ def main():
     """Exploop platform server commands."""
 
 
-def _app(config: dict | None = None):
+def _app(config: dict | None = None, check_keys: bool = True):
     # Lazy (as every server import in this module): `exploop --help` and `exploop up` answer
     # without loading Flask, SQLAlchemy and Celery, and prometheus_client is first imported
     # after `_prepare_multiprocess_metrics` set PROMETHEUS_MULTIPROC_DIR (it reads it at import).
     from ..api.app import create_app, init_db
     try:
         app = create_app(config)
-        init_db(app)  # also refuses to start when stored credentials no configured key opens
+        init_db(app, check_keys)  # also refuses to start when stored credentials no configured key opens
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     return app
@@ -146,7 +146,7 @@ def create_admin_token(name, role):
     from ..core.fleet import audit
     from ..core.models import AdminToken
     from ..core.security import ADMIN_PREFIX, hash_token, new_token
-    app = _app(_admin_database())
+    app = _app(_admin_database(), check_keys=False)  # an admin token needs no server key
     token = new_token(ADMIN_PREFIX)
     with app.app_context():
         db.session.add(AdminToken(name=name, role=role, token_hash=hash_token(token)))
