@@ -104,9 +104,10 @@ def _fleet_read_client(app: Flask, url: str | None = None) -> redis.Redis:
     """Redis for what operators read in an incident: short timeouts, one reconnect, no retry
     on a timeout, so a hung Redis costs one FLEET_READ_TIMEOUT, not the default retries."""
     timeout = parse_duration(app.config["FLEET_READ_TIMEOUT"], "EXPLOOP_FLEET_READ_TIMEOUT")
-    return redis.Redis.from_url(url or app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                                health_check_interval=30)
+    return redis_client(url or app.config["REDIS_URL"], app.config["SENTINEL_MASTER_NAME"],
+                        socket_timeout=timeout, socket_connect_timeout=timeout,
+                        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                        health_check_interval=30)
 
 
 def _non_negative_int(app: Flask, name: str, minimum: int = 0) -> int:
