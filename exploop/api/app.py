@@ -100,11 +100,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     return app
 
 
-def _fleet_read_client(app: Flask, url: str | None = None) -> redis.Redis:
+def _fleet_read_client(app: Flask) -> redis.Redis:
     """Redis for what operators read in an incident: short timeouts, one reconnect, no retry
     on a timeout, so a hung Redis costs one FLEET_READ_TIMEOUT, not the default retries."""
     timeout = parse_duration(app.config["FLEET_READ_TIMEOUT"], "EXPLOOP_FLEET_READ_TIMEOUT")
-    return redis_client(url or app.config["REDIS_URL"], app.config["SENTINEL_MASTER_NAME"],
+    return redis_client(app.config["REDIS_URL"], app.config["SENTINEL_MASTER_NAME"],
                         socket_timeout=timeout, socket_connect_timeout=timeout,
                         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                         health_check_interval=30)
