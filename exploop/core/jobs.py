@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import redis
 from flask import current_app
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.engine import CursorResult
 
 from ..celery_app import declare_queue
@@ -315,28 +315,45 @@ def queue_positions(page: list[Job]) -> dict[str, int | None]:
 
     Queued jobs go first-in first-out on their queue; a pending job comes after
     everything queued there and the tenant's pending jobs that are admitted before it.
+    One grouped statement reads, for each queue the page touches, how many jobs it holds
+    and how many wait ahead of the page's first job there; a range read orders the rest.
     """
     positions: dict[str, int | None] = {job.id: None for job in page}
-    queued = [j for j in page if j.status == "queued" and j.queued_at is not None]
-    pending = [j for j in page if j.status == "pending"]
-    queue_columns = (Job.capability, Job.region)
+    queued = [j for j in page if j.status == JobStatus.QUEUED and j.queued_at is not None]
+    pending = [j for j in page if j.status == JobStatus.PENDING]
+    if not queued and not pending:
+        return positions
+    first: dict = {}  # queue -> the page's earliest queued_at there
+    for job in queued:
+        queue = (job.capability, job.region)
+        first[queue] = min(first.get(queue, job.queued_at), job.queued_at)
+    in_queue = lambda c, r: and_(Job.capability == c, Job.region == r)  # noqa: E731
+    ahead = func.sum(case(*[(and_(in_queue(*q), Job.queued_at < at), 1) for q, at in first.items()], else_=0)) \
+        if first else literal(0)
+    queues = {(j.capability, j.region) for j in queued + pending}
+    totals, anchors = {}, {}
+    for capability, region, total, before in db.session.execute(
+            select(Job.capability, Job.region, func.count(), ahead)
+            .where(Job.status == JobStatus.QUEUED, or_(*[in_queue(*q) for q in queues]))
+            .group_by(Job.capability, Job.region)).all():
+        totals[(capability, region)], anchors[(capability, region)] = int(total), int(before or 0)
     if queued:
-        keys: dict = {}
+        last: dict = {}
         for job in queued:
-            keys.setdefault((job.capability, job.region), set()).add(job.queued_at)
-        before = _before(keys, queue_columns, Job.queued_at, Job.status == "queued")
+            queue = (job.capability, job.region)
+            last[queue] = max(last.get(queue, job.queued_at), job.queued_at)
+        rows = db.session.execute(select(Job.capability, Job.region, Job.queued_at).where(
+            Job.status == JobStatus.QUEUED, or_(*[
+                and_(in_queue(*q), Job.queued_at >= first[q], Job.queued_at <= last[q]) for q in first]))).all()
+        ranks = _ranks({q: anchors.get(q, 0) for q in first}, rows)
         for job in queued:
-            positions[job.id] = before[(job.capability, job.region)][job.queued_at] + 1
+            anchor, keys = ranks[(job.capability, job.region)]
+            positions[job.id] = anchor + bisect_left(keys, job.queued_at) + 1
     if pending:
-        queues = {(j.capability, j.region) for j in pending}
-        totals = dict(((c, r), n) for c, r, n in db.session.execute(
-            select(Job.capability, Job.region, func.count()).where(Job.status == "queued", or_(*[
-                and_(Job.capability == c, Job.region == r) for c, r in queues]))
-            .group_by(Job.capability, Job.region)).all())
-        keys = {}
+        keys: dict = {}
         for job in pending:
             keys.setdefault((job.tenant_id,), set()).add(job.admission_key)
-        before = _before(keys, (Job.tenant_id,), Job.admission_key, Job.status == "pending")
+        before = _before(keys, (Job.tenant_id,), Job.admission_key, Job.status == JobStatus.PENDING)
         for job in pending:
             positions[job.id] = (totals.get((job.capability, job.region), 0)
                                  + before[(job.tenant_id,)][job.admission_key] + 1)
