@@ -14,7 +14,7 @@ import logging
 import re
 from bisect import bisect_left
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import cast
 from urllib.parse import urlparse
 
@@ -323,10 +323,10 @@ def queue_positions(page: list[Job]) -> dict[str, int | None]:
     pending = [j for j in page if j.status == JobStatus.PENDING]
     if not queued and not pending:
         return positions
-    first: dict = {}  # queue -> the page's earliest queued_at there
+    times: dict[tuple[str, str], list[datetime]] = {}  # queue -> the page's queued_at there
     for job in queued:
-        queue = (job.capability, job.region)
-        first[queue] = min(first.get(queue, job.queued_at), job.queued_at)
+        times.setdefault((job.capability, job.region), []).append(cast(datetime, job.queued_at))
+    first = {queue: min(at) for queue, at in times.items()}
     in_queue = lambda c, r: and_(Job.capability == c, Job.region == r)  # noqa: E731
     ahead = func.sum(case(*[(and_(in_queue(*q), Job.queued_at < at), 1) for q, at in first.items()], else_=0)) \
         if first else literal(0)
@@ -338,10 +338,7 @@ def queue_positions(page: list[Job]) -> dict[str, int | None]:
             .group_by(Job.capability, Job.region)).all():
         totals[(capability, region)], anchors[(capability, region)] = int(total), int(before or 0)
     if queued:
-        last: dict = {}
-        for job in queued:
-            queue = (job.capability, job.region)
-            last[queue] = max(last.get(queue, job.queued_at), job.queued_at)
+        last = {queue: max(at) for queue, at in times.items()}
         rows = db.session.execute(select(Job.capability, Job.region, Job.queued_at).where(
             Job.status == JobStatus.QUEUED, or_(*[
                 and_(in_queue(*q), Job.queued_at >= first[q], Job.queued_at <= last[q]) for q in first]))).all()
@@ -350,10 +347,10 @@ def queue_positions(page: list[Job]) -> dict[str, int | None]:
             anchor, keys = ranks[(job.capability, job.region)]
             positions[job.id] = anchor + bisect_left(keys, job.queued_at) + 1
     if pending:
-        keys: dict = {}
+        admission: dict = {}
         for job in pending:
-            keys.setdefault((job.tenant_id,), set()).add(job.admission_key)
-        before = _before(keys, (Job.tenant_id,), Job.admission_key, Job.status == JobStatus.PENDING)
+            admission.setdefault((job.tenant_id,), set()).add(job.admission_key)
+        before = _before(admission, (Job.tenant_id,), Job.admission_key, Job.status == JobStatus.PENDING)
         for job in pending:
             positions[job.id] = (totals.get((job.capability, job.region), 0)
                                  + before[(job.tenant_id,)][job.admission_key] + 1)
