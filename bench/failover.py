@@ -121,6 +121,14 @@ def one_run(tmp: Path, down_after: int) -> dict:
         group.stop()
 
 
+def watch_restarts(tmp: Path) -> str:
+    """What the agents' StallWatch did: consumers restarted because the master moved or stalled."""
+    logs = [path.read_text(errors="replace") for path in sorted(tmp.glob("agent-*.log"))]
+    moved = sum(log.count("broker master moved") for log in logs)
+    stalled = sum(log.count("consumer stalled") for log in logs)
+    return f"consumer restarts: {moved} master moved, {stalled} stalled"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -130,10 +138,11 @@ def main() -> int:
     for n in range(args.runs):
         tmp = tempfile.mkdtemp(prefix="exploop-failover-")
         result = one_run(Path(tmp), args.down_after)
+        restarts = watch_restarts(Path(tmp))
         shutil.rmtree(tmp, ignore_errors=True)  # kept when the run failed
         results.append(result)
         print(f"run {n + 1}: promoted {result['promoted'] or float('nan'):5.2f} s   first job completed"
-              f" {result['first']:5.2f} s   backlog of 10 completed {result['backlog']:5.2f} s   (after kill -9)")
+              f" {result['first']:5.2f} s   backlog of 10 completed {result['backlog']:5.2f} s   (after kill -9; {restarts})")
     print(f"\nmedian over {args.runs} runs (down-after-milliseconds {args.down_after}):")
     for key, label in (("promoted", "replica promoted"), ("first", "first job completed"),
                        ("backlog", "jobs queued before the kill completed")):

@@ -137,25 +137,32 @@ class DesiredStateStep(bootsteps.StartStopStep):
 
 
 class StallWatchStep(bootsteps.StartStopStep):
-    """Consumer step (``sentinel://`` brokers): restart a consumer that stopped taking messages.
+    """Consumer step (``sentinel://`` brokers): restart a consumer left behind by a failover.
 
     After a Sentinel failover, kombu's consumer can stop consuming while the worker lives
-    on and keeps renewing its lease (celery/celery#6348, #8030). The sign: messages wait on
-    this agent's queues while it is active with free slots. ``STRIKES`` checks in a row like
-    that raise a connection error in the consumer's event loop, and Celery reconnects (the
-    sentinels name the new master).
+    on and keeps renewing its lease (celery/celery#6348, #8030). Two signs, checked every
+    ``INTERVAL``:
+
+    * the sentinels name another master than the one named when this consumer (re)started:
+      the consumer never reconnected, so it is restarted at once;
+    * messages wait on this agent's queues while it is active with free slots, ``STRIKES``
+      checks in a row (a stall with no failover seen, or one this step missed).
+
+    Either raises a connection error in the consumer's event loop, and Celery reconnects
+    (the sentinels name the new master).
     """
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
     label = "StallWatch"
-    INTERVAL = 5.0
-    STRIKES = 3
+    INTERVAL = 2.5
+    STRIKES = 6
 
     def __init__(self, consumer, **kwargs):
         super().__init__(consumer, **kwargs)
         self.strikes = 0
         self.tref = None
         self.broker: Broker | None = None
+        self.master: tuple[str, int] | None = None
 
     def start(self, consumer):
         url = consumer.app.conf.broker_url
@@ -167,6 +174,7 @@ class StallWatchStep(bootsteps.StartStopStep):
                                               socket_connect_timeout=2),
                                  KeyLayout.from_transport_options(options))
         self.strikes = 0
+        self.master = self.current_master()
         self.tref = consumer.timer.call_repeatedly(self.INTERVAL, self.check, (consumer,), priority=10)
 
     def stop(self, consumer):
@@ -174,10 +182,27 @@ class StallWatchStep(bootsteps.StartStopStep):
             self.tref.cancel()
             self.tref = None
 
+    def current_master(self) -> tuple[str, int] | None:
+        """The master the sentinels name now (None when no sentinel answers)."""
+        assert self.broker is not None
+        try:
+            return tuple(self.broker.client.connection_pool.get_master_address())  # type: ignore[attr-defined]
+        except (redis.RedisError, OSError):
+            return None
+
     def check(self, consumer) -> None:
+        if self.broker is None:
+            return
+        master = self.current_master()
+        if master is not None and self.master is not None and master != self.master:
+            logger.warning("broker master moved from %s:%s to %s:%s; reconnecting the consumer",
+                           *self.master, *master)
+            self.master = master
+            raise redis.exceptions.ConnectionError("broker master moved (Sentinel failover)")
+        if self.master is None:
+            self.master = master
         runtime = consumer.app.exploop_runtime
-        if self.broker is None or runtime.desired_state != DesiredState.ACTIVE \
-                or len(running_jobs()) >= runtime.max_jobs:
+        if runtime.desired_state != DesiredState.ACTIVE or len(running_jobs()) >= runtime.max_jobs:
             self.strikes = 0
             return
         try:

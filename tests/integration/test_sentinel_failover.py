@@ -104,3 +104,45 @@ def test_master_killed_mid_stream_every_job_completes_once(stack, sentinel_group
     more = [submit(stack, tenant, uuid.uuid4().hex) for _ in range(8)]
     stack.wait_for(lambda: set(statuses(stack, more).values()) == {"completed"}, 60, "jobs after uncordon")
     assert {stack.job(j)["attempt"] for j in more} == {1}
+
+
+def test_stall_watch_restarts_a_consumer_the_failover_left_on_the_old_master(sentinel_group):
+    """The agent's StallWatch asks the sentinels which master they name: once it is not the one
+    named when the consumer (re)started, the consumer is restarted at once (a connection error in
+    its event loop), not after the stall strikes. Real sentinels; the consumer is the step's view
+    of it (its app's settings, its timer and the agent runtime)."""
+    from types import SimpleNamespace
+
+    import redis
+
+    from exploop.vocabulary import DesiredState
+    from workers.bootsteps import StallWatchStep
+
+    timers = []
+    app = SimpleNamespace(
+        conf=SimpleNamespace(broker_url=sentinel_group.url,
+                             broker_transport_options={"master_name": sentinel_group.master_name}),
+        exploop_runtime=SimpleNamespace(desired_state=DesiredState.ACTIVE, max_jobs=2, queues=["secrets.us-east-1"]))
+    consumer = SimpleNamespace(app=app, timer=SimpleNamespace(
+        call_repeatedly=lambda interval, fn, args, priority: timers.append((interval, fn, args)) or object()))
+    step = StallWatchStep(consumer)
+    step.start(consumer)
+    assert timers and step.master is not None and step.master[1] == sentinel_group.master_port()
+    step.check(consumer)  # same master, nothing waiting: no restart
+
+    old = sentinel_group.master_port()
+    sentinel_group.kill_master()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if sentinel_group.master_port() != old:
+                break
+        except RuntimeError:
+            pass
+        assert time.monotonic() < deadline, "the sentinels promoted no replica"
+        time.sleep(0.1)
+    with pytest.raises(redis.exceptions.ConnectionError, match="master moved"):
+        step.check(consumer)
+    step.check(consumer)  # the step now knows the new master: no second restart
+    step.start(consumer)  # the restarted consumer's step starts on the new master
+    assert step.master is not None and step.master[1] == sentinel_group.master_port()
