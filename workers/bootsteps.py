@@ -38,7 +38,7 @@ def _apply(consumer, queues: list[str], state: str, why: str | None = None) -> N
     task_consumer = getattr(consumer, "task_consumer", None)
     if task_consumer is None:
         return
-    stop = state == "draining" or why is not None
+    stop = state == DesiredState.DRAINING or why is not None
     for queue in queues:
         consuming = task_consumer.consuming_from(queue)
         if stop and consuming:
@@ -132,7 +132,7 @@ class DesiredStateStep(bootsteps.StartStopStep):
     def start(self, consumer):
         runtime = consumer.app.exploop_runtime
         why = _hold_reason(runtime)
-        if runtime.desired_state == "draining" or why is not None:
+        if runtime.desired_state == DesiredState.DRAINING or why is not None:
             _apply(consumer, runtime.queues, "draining", why)
 
 

@@ -19,6 +19,7 @@ import time
 from exploop.client import ApiClientError, ApiConnectionError, PlatformClient
 from exploop.config import AgentSettings
 from exploop.retry import backoff
+from exploop.vocabulary import DesiredState
 
 from . import tasks
 from .lease_manager import KEY_REFUSED, LeaseManager
@@ -37,7 +38,7 @@ class HttpAgent:
         self.runtime = runtime
         self.stopping = threading.Event()
         self.active = threading.Event()  # set while the desired state is "active"
-        if runtime.desired_state == "active":
+        if runtime.desired_state == DesiredState.ACTIVE:
             self.active.set()
         self._lock = threading.Lock()
         self._running: dict[str, str] = {}  # thread name -> job id (claimed, running)
@@ -60,12 +61,12 @@ class HttpAgent:
         was = self.runtime.desired_state
         self.runtime.desired_state = state
         manager = self.runtime.lease_manager
-        if state == "draining" or (manager is not None and manager.held):
+        if state == DesiredState.DRAINING or (manager is not None and manager.held):
             self.active.clear()
         else:
             self.active.set()
         if state != was:
-            logger.info("%s: %s polling", state, "stopped" if state == "draining" else "resumed")
+            logger.info("%s: %s polling", state, "stopped" if state == DesiredState.DRAINING else "resumed")
 
     def on_auth_failure(self) -> None:
         """The key is refused (agent deleted): one line, then exit without waiting for running

@@ -106,7 +106,7 @@ def unserved_warning(capability: str, region: str) -> str | None:
         message = (f"no registered agent serves {queue}: the job waits until an agent with capability"
                    f" {capability!r} runs in region {region!r}")
     else:
-        active = [row.name for row in serving if row.desired_state == "active"]
+        active = [row.name for row in serving if row.desired_state == DesiredState.ACTIVE]
         leases = current_app.extensions["lease_reads"]
         try:
             for start in range(0, len(active), 100):
@@ -136,7 +136,7 @@ def choose_region(capability: str) -> str:
     live = leases.get_many([a.name for a in candidates])
     # Running jobs from the job records: a lease body lags a heartbeat.
     running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
-        Job.status == "running").group_by(Job.agent_id)).all())
+        Job.status == JobStatus.RUNNING).group_by(Job.agent_id)).all())
     free: dict[str, int] = {}
     for agent in candidates:
         lease = live.get(agent.name)
