@@ -20,7 +20,7 @@ from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queue_for, queues_for
-from ..vocabulary import AgentStatus, DesiredState, JobStatus
+from ..vocabulary import AGENT_STATUSES, AgentStatus, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
@@ -254,12 +254,12 @@ def agents_page(args: dict) -> dict:
         query = query.where(Agent.name.contains(args["name"], autoescape=True))
     if args.get("status"):
         status = args["status"]
-        if status in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.DISABLED, AgentStatus.OFFLINE):
+        if status in AGENT_STATUSES:
             try:
                 return _agents_with_status(query, args, status)
             except redis.RedisError:
                 pass  # Redis unreadable: the views below say so (status unknown)
-        # Status lives in Redis (a lease body says "stopping"): filter the whole fleet, then page.
+        # Redis unreadable (or an unknown status): filter the whole fleet, then page.
         views, unknown = fleet.fleet_view(db.session.scalars(query).all())
         views = [v for v in views if v["status"] == status]
         start = (args["page"] - 1) * args["per_page"]
@@ -276,16 +276,19 @@ def agents_page(args: dict) -> dict:
 
 
 def _agents_with_status(query, args: dict, status: str) -> dict:
-    """A page of agents in a status that lease presence decides: narrow the fleet by the
-    columns the status rule reads, apply the rule with presence (one MGET, nothing decoded),
-    then describe only the page."""
+    """A page of agents in one status: narrow the fleet by the columns the status rule reads,
+    apply the rule with lease presence (one MGET, nothing decoded; a stopping agent's lease
+    says so in its first bytes), then describe only the page."""
     query = query.where(Agent.disabled.is_(status == AgentStatus.DISABLED))
     if status in (AgentStatus.ONLINE, AgentStatus.DRAINING):
         query = query.where(Agent.desired_state == DesiredState.DRAINING if status == AgentStatus.DRAINING
                             else Agent.desired_state != DesiredState.DRAINING)
     rows = db.session.execute(query.with_only_columns(Agent.name, Agent.disabled, Agent.desired_state)).all()
-    live = current_app.extensions["lease_reads"].present([r.name for r in rows])
-    names = [r.name for r in rows if fleet.agent_status(r, {} if r.name in live else None) == status]
+    live = current_app.extensions["lease_reads"].presence([r.name for r in rows])
+
+    def lease(name: str) -> dict | None:
+        return None if name not in live else {"status": AgentStatus.STOPPING} if live[name] else {}
+    names = [r.name for r in rows if fleet.agent_status(r, lease(r.name)) == status]
     start = (args["page"] - 1) * args["per_page"]
     shown = names[start:start + args["per_page"]]
     records = db.session.scalars(select(Agent).where(Agent.name.in_(shown)).order_by(Agent.name)).all()

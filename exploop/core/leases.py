@@ -86,6 +86,10 @@ return removed
 _FLEET_KEYS = [DEADLINES, AGENT_RENEWALS_KEY, LAST_RENEWAL_KEY, RESUMED_KEY]
 
 
+#: How a stopping agent's lease body starts (see ``LeaseStore._value``).
+_STOPPING = json.dumps({"status": "stopping"})[:-1].encode()
+
+
 class LeaseStore:
     """Read and renew agent leases."""
 
@@ -103,7 +107,9 @@ class LeaseStore:
 
     @staticmethod
     def _value(body: dict, ttl: float, now: float) -> str:
-        return json.dumps(dict(body, renewed_at=now, lease_ttl=max(1, int(round(ttl)))))
+        # "status" goes first: ``presence`` tells a stopping agent from the stored bytes alone.
+        first = {"status": body["status"]} if "status" in body else {}
+        return json.dumps({**first, **body, "renewed_at": now, "lease_ttl": max(1, int(round(ttl)))})
 
     @staticmethod
     def _gap(body: dict) -> float:
@@ -155,11 +161,17 @@ class LeaseStore:
 
     def present(self, agents: list[str]) -> set[str]:
         """The agents that hold a lease (one MGET per 5,000, bodies not decoded)."""
-        alive: set[str] = set()
+        return set(self.presence(agents))
+
+    def presence(self, agents: list[str]) -> dict[str, bool]:
+        """Agents that hold a lease -> whether it says they are stopping (bodies not decoded:
+        ``_value`` writes the status first)."""
+        alive: dict[str, bool] = {}
         for start in range(0, len(agents), 5000):
             chunk = agents[start:start + 5000]
-            alive.update(name for name, raw in zip(chunk, self.redis.mget([self.key(n) for n in chunk]),
-                                                   strict=True) if raw is not None)
+            for name, raw in zip(chunk, self.redis.mget([self.key(n) for n in chunk]), strict=True):
+                if raw is not None:
+                    alive[name] = (raw.encode() if isinstance(raw, str) else raw).startswith(_STOPPING)
         return alive
 
     def last_renewals(self, agents: list[str]) -> dict[str, tuple[float, float]]:

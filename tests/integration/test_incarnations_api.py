@@ -92,6 +92,26 @@ def test_a_graceful_stop_is_offline_stopped_and_a_renewal_clears_it(client, admi
     assert view["status"] == "online" and view["stopped_at"] is None
 
 
+def test_the_status_filter_tells_a_stopping_agent_from_an_online_one(client, admin_token):
+    """``get agents --status`` decides from lease presence without decoding bodies; a stopping
+    agent's lease says so in its first bytes, so it is listed as stopping, never as online."""
+    keys = {name: register(client, admin_token, name=name)["api_key"] for name in ("agent-a", "agent-b", "agent-c")}
+    assert renew(client, keys["agent-a"]).status_code == 200
+    assert renew(client, keys["agent-b"], status="stopping").status_code == 200
+
+    def listed(status: str) -> list[tuple[str, str]]:
+        reply = client.get("/admin/v1/agents", query_string={"status": status}, headers=auth(admin_token))
+        assert reply.status_code == 200, reply.json
+        assert reply.json["total"] == len(reply.json["items"])
+        return [(item["name"], item["status"]) for item in reply.json["items"]]
+    assert listed("online") == [("agent-a", "online")]
+    assert listed("stopping") == [("agent-b", "stopping")]
+    assert listed("offline") == [("agent-c", "offline")]
+    assert renew(client, keys["agent-b"]).status_code == 200  # it came back: online again
+    assert listed("online") == [("agent-a", "online"), ("agent-b", "online")]
+    assert listed("stopping") == []
+
+
 def test_disable_refuses_leases_and_claims_and_requeues_running_jobs(client, admin_token, tenant_key):
     key = register(client, admin_token, name="agent-a")["api_key"]
     assert renew(client, key).status_code == 200
