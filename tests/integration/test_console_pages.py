@@ -383,3 +383,44 @@ def test_status_filter_agrees_with_each_agents_shown_status(app, admin_client):
         html = admin_client.get(f"/ui/agents?status={status}").text
         assert set(re.findall(r'data-agent="([^"]+)" data-status="' + status + '"', html)) == names, status
         assert len(re.findall(r"data-agent=", html)) == len(names), status
+
+
+def test_fleet_page_reads_lease_presence_and_job_records_and_agrees_with_cluster_info(app, admin_client):
+    make_tenant(app)
+    for name in ("on", "busy", "drn", "stop", "dis", "off"):
+        _agent(app, name, desired_state="draining" if name == "drn" else "active", disabled=name == "dis")
+    leases = app.extensions["leases"]
+    for name in ("on", "busy", "drn", "dis"):
+        # The lease body's job count is stale on purpose: slots come from the job records.
+        leases.renew(name, {"status": "active", "jobs_running": 2, "running_jobs": []}, 60)
+    leases.renew("stop", {"status": "stopping", "jobs_running": 0, "running_jobs": []}, 60)
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+        busy = db.session.scalar(select(Agent).where(Agent.name == "busy"))
+        db.session.add(Job(tenant_id=tenant.id, capability="secrets", region="us-east-1", status="running",
+                           repo_url="https://git.example.com/a.git", time_limit=60, agent_id=busy.id,
+                           agent_name="busy", started_at=utcnow()))
+        db.session.commit()
+    with app.test_request_context("/ui/"):
+        from exploop.api import admin
+        from exploop.api.console_fleet import placements
+        snapshot = admin.fleet_snapshot()
+        assert dict(zip([a.name for a in snapshot.agents], snapshot.statuses, strict=True)) == {
+            "on": "online", "busy": "online", "drn": "draining", "stop": "stopping", "dis": "disabled",
+            "off": "offline"}
+        rows = {(r["region"], r["capability"]): r for r in placements(snapshot)}
+    sast, secrets = rows[("us-east-1", "sast")], rows[("us-east-1", "secrets")]
+    assert {k: sast[k] for k in ("online", "draining", "stopping", "disabled", "offline")} == {
+        "online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+    # One secrets job runs on "busy" (max 2): used 1 there; free = 2 online agents x 2 slots - 1.
+    assert (sast["slots_used"], secrets["slots_used"]) == (0, 1)
+    assert sast["slots_free"] == secrets["slots_free"] == 3
+    info = admin_client.get("/admin/v1/cluster-info", headers={"Authorization": f"Bearer {_admin_token(app)}"}).json
+    assert info["agents"]["by_status"] == {"online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+    assert info["capacity"] == {"used": sum(r["slots_used"] for r in rows.values()), "total": 4}
+    assert 'class="status status-stopping">stopping 1<' in admin_client.get("/ui/").text
+
+
+def _admin_token(app) -> str:
+    return make_admin_token(app, "viewer", f"reader{time.monotonic_ns()}")
+
