@@ -367,28 +367,33 @@ def uncordon_agent(name):
     return set_desired_state(name, DesiredState.ACTIVE, g.admin.name)
 
 
-def _set_disabled(name: str, disabled: bool) -> dict:
+def set_disabled(name: str, disabled: bool, actor: str) -> dict:
+    """Disable (the hard switch) or enable an agent, audited under ``actor``, and tell its worker.
+
+    The view returned carries ``requeued_jobs``: how many running jobs a disable requeued.
+    """
     agent = _agent(name)
     # Forget the cached identity before and after, so no renewal slips through the cache.
     fleet.forget_agent(agent)
     agent.disabled = disabled
-    fleet.audit(g.admin.name, "disable agent" if disabled else "enable agent", name)
+    fleet.audit(actor, "disable agent" if disabled else "enable agent", name)
     db.session.commit()
     fleet.forget_agent(agent)
+    running: list[Job] = []
     if disabled:
         # The hard switch (drain is the graceful one): its jobs go to other agents now, its
         # reports and claims are refused, and its worker stops consuming at once.
-        running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
-                                                       Job.status == JobStatus.RUNNING)).all()
+        running = list(db.session.scalars(select(Job).where(Job.agent_id == agent.id,
+                                                            Job.status == JobStatus.RUNNING)).all())
         for job in running:
-            jobs.requeue(job, f"agent {name} disabled by {g.admin.name}")
+            jobs.requeue(job, f"agent {name} disabled by {actor}")
         current_app.extensions["leases"].release(agent.name)
-        logger.warning("agent disabled agent=%s by=%s requeued_jobs=%d", name, g.admin.name, len(running))
+        logger.warning("agent disabled agent=%s by=%s requeued_jobs=%d", name, actor, len(running))
     else:
-        logger.info("agent enabled agent=%s by=%s", name, g.admin.name)
+        logger.info("agent enabled agent=%s by=%s", name, actor)
     view = fleet.describe_agents([agent])[0]
     _broadcast_queues(agent, agent.nodename, "draining" if disabled else agent.desired_state)
-    return view
+    return dict(view, requeued_jobs=len(running))
 
 
 @bp.post("/agents/<name>/disable")
@@ -398,7 +403,7 @@ def _set_disabled(name: str, disabled: bool) -> dict:
 def disable_agent(name):
     """Switch an agent off: its lease and claims are refused (403 "disabled"), its running
     jobs are requeued at once, and it takes no job until enabled."""
-    return _set_disabled(name, True)
+    return set_disabled(name, True, g.admin.name)
 
 
 @bp.post("/agents/<name>/enable")
@@ -407,7 +412,7 @@ def disable_agent(name):
 @admin_required("admin")
 def enable_agent(name):
     """Switch a disabled agent back on: it takes jobs again from its next renewal."""
-    return _set_disabled(name, False)
+    return set_disabled(name, False, g.admin.name)
 
 
 @bp.delete("/agents/<name>")
