@@ -543,46 +543,88 @@ def cluster_info():
 _STOPPING_LEASE = {"status": AgentStatus.STOPPING}
 
 
-class FleetSnapshot(NamedTuple):
-    """The whole fleet as ``cluster-info`` and the console's Fleet page read it, once per request."""
+class FleetKind(NamedTuple):
+    """Agents of one region, capability set and status."""
 
-    #: Rows of the columns the views need (id, name, region, capabilities, max_jobs, ...).
-    agents: list
-    #: Each agent's status, in the same order (``unknown`` when Redis is unreadable).
-    statuses: list[str]
-    #: Running jobs per agent id and capability, from the job records (a lease body lags a heartbeat).
-    running: dict[int, dict[str, int]]
+    region: str
+    capabilities: str
+    status: str
+
+
+class KindTotals:
+    """What the fleet views add up over the agents of one :class:`FleetKind`."""
+
+    __slots__ = ("agents", "capacity", "jobs_running", "slots_free")
+
+    def __init__(self) -> None:
+        self.agents = 0
+        self.capacity = 0  # max_jobs summed over online agents
+        self.jobs_running = 0  # running jobs (job records), whatever the status
+        self.slots_free = 0  # max_jobs less running jobs, summed over online agents
+
+
+class FleetSnapshot(NamedTuple):
+    """The whole fleet as ``cluster-info`` and the console's Fleet page read it, once per request.
+
+    Agents are added up by kind in one pass, so the views work on a few dozen totals, not on
+    every agent.
+    """
+
+    agents: int
+    kinds: dict[FleetKind, KindTotals]
+    #: Running jobs per (region of their agent, capability), from the job records.
+    jobs_running: dict[tuple[str, str], int]
     #: False when Redis could not be read: status, queue depths and consumers are unknown.
     leases_read: bool
 
 
 def fleet_snapshot() -> FleetSnapshot:
-    """Every agent's columns and status, and the running jobs per agent.
+    """Every agent's status, capacity and running jobs, added up by region, capabilities and status.
 
-    Columns, not ORM objects, and lease presence, not lease bodies (a stopping agent's lease
-    says so in its first bytes): one query and one MGET per 5,000 agents even for a fleet of
-    thousands, plus one grouped count of the running jobs.
+    Columns, not ORM objects, lease presence, not lease bodies (a stopping agent's lease says
+    so in its first bytes), and running jobs from the job records (a lease body lags a
+    heartbeat): one query and one MGET per 5,000 agents even for a fleet of thousands, and
+    one grouped count of the running jobs.
     """
-    agents = list(db.session.execute(select(Agent.id, Agent.name, Agent.region, Agent.capabilities,
-                                            Agent.max_jobs, Agent.desired_state, Agent.disabled)).all())
+    agents = db.session.execute(select(Agent.id, Agent.name, Agent.region, Agent.capabilities,
+                                       Agent.max_jobs, Agent.desired_state, Agent.disabled)).all()
     try:  # the short-timeout client: a hung Redis costs one FLEET_READ_TIMEOUT
         # Agent -> whether its lease says it is stopping (read from the body's first bytes).
         live: dict[str, bool] | None = current_app.extensions["lease_reads"].presence([a.name for a in agents])
     except redis.RedisError:
         live = None  # unreadable: report what the database knows rather than fail
-    statuses: list[str]
-    if live is None:
-        statuses = [AgentStatus.DISABLED if a.disabled else AgentStatus.UNKNOWN for a in agents]
-    else:
-        statuses = [fleet.agent_status(a, None if a.name not in live else _STOPPING_LEASE if live[a.name] else {})
-                    for a in agents]
     running: dict[int, dict[str, int]] = {}
     for agent_id, capability, n in db.session.execute(
             select(Job.agent_id, Job.capability, func.count()).where(Job.status == JobStatus.RUNNING)
             .group_by(Job.agent_id, Job.capability)):
         if agent_id is not None:
             running.setdefault(agent_id, {})[capability] = n
-    return FleetSnapshot(agents, statuses, running, live is not None)
+    kinds: dict[tuple[str, str, str], KindTotals] = {}
+    jobs_running: dict[tuple[str, str], int] = {}
+    for agent in agents:
+        status: str
+        if live is None:  # Redis unreadable: only "disabled" (the database holds it) is known
+            status = AgentStatus.DISABLED if agent.disabled else AgentStatus.UNKNOWN
+        else:
+            status = fleet.agent_status(agent, None if agent.name not in live
+                                        else _STOPPING_LEASE if live[agent.name] else {})
+        key = (agent.region, agent.capabilities, status)
+        totals = kinds.get(key)
+        if totals is None:
+            totals = kinds[key] = KindTotals()
+        totals.agents += 1
+        busy = 0
+        held = running.get(agent.id)
+        if held:
+            for capability, n in held.items():
+                jobs_running[(agent.region, capability)] = jobs_running.get((agent.region, capability), 0) + n
+                busy += n
+            totals.jobs_running += busy
+        if status == AgentStatus.ONLINE:
+            totals.capacity += agent.max_jobs
+            totals.slots_free += max(0, agent.max_jobs - busy)
+    return FleetSnapshot(len(agents), {FleetKind(*key): totals for key, totals in kinds.items()}, jobs_running,
+                         live is not None)
 
 
 def cluster_overview(snapshot: FleetSnapshot | None = None) -> dict:
@@ -594,23 +636,19 @@ def cluster_overview(snapshot: FleetSnapshot | None = None) -> dict:
         checks["redis"] = "error: lease read failed"
     regions: dict[str, dict] = {}
     by_status: dict[str, int] = {}
-    # Online agents per (region, capabilities): the queues' consumers, worked out per kind of agent.
+    # Online agents per (region, capabilities): the queues' consumers.
     kinds: dict[tuple[str, str], int] = {}
-    for agent, status in zip(snapshot.agents, snapshot.statuses, strict=True):
-        by_status[status] = by_status.get(status, 0) + 1
-        region = regions.get(agent.region)
+    for kind, totals in snapshot.kinds.items():
+        by_status[kind.status] = by_status.get(kind.status, 0) + totals.agents
+        region = regions.get(kind.region)
         if region is None:
-            region = regions[agent.region] = {"online": 0, "draining": 0, "stopping": 0, "offline": 0,
-                                              "disabled": 0, "unknown": 0, "jobs_running": 0, "capacity": 0}
-        region[status] += 1
-        running = snapshot.running.get(agent.id)
-        if running:
-            region["jobs_running"] += sum(running.values())
-        online = status == AgentStatus.ONLINE
-        if online:
-            region["capacity"] += agent.max_jobs
-        kind = (agent.region, agent.capabilities)
-        kinds[kind] = kinds.get(kind, 0) + online
+            region = regions[kind.region] = {"online": 0, "draining": 0, "stopping": 0, "offline": 0,
+                                             "disabled": 0, "unknown": 0, "jobs_running": 0, "capacity": 0}
+        region[kind.status] += totals.agents
+        region["jobs_running"] += totals.jobs_running
+        region["capacity"] += totals.capacity
+        online = totals.agents if kind.status == AgentStatus.ONLINE else 0
+        kinds[(kind.region, kind.capabilities)] = kinds.get((kind.region, kind.capabilities), 0) + online
     consumers: dict[str, int | None] = {}
     for (region_name, capabilities), online_agents in kinds.items():
         for queue in queues_for([c for c in capabilities.split(",") if c], region_name):
@@ -637,7 +675,7 @@ def cluster_overview(snapshot: FleetSnapshot | None = None) -> dict:
     counts["completed_24h"] = finished.get(JobStatus.COMPLETED, 0)
     info = {
         "api": "ok", "version": __version__, **checks,
-        "agents": {"total": len(snapshot.agents), "by_status": by_status, "by_region": regions},
+        "agents": {"total": snapshot.agents, "by_status": by_status, "by_region": regions},
         "capacity": {"used": sum(r["jobs_running"] for r in regions.values()),
                      "total": sum(r["capacity"] for r in regions.values())},
         "queues": dict(sorted(depths.items())),

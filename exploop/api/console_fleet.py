@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, func, or_, select
 from ..core.extensions import db
 from ..core.models import Job, utcnow
 from ..routing import queue_for
-from ..vocabulary import FINAL_STATUSES, AgentStatus
+from ..vocabulary import FINAL_STATUSES
 from .admin import FleetSnapshot
 
 __all__ = ["placements", "hour_series", "sparkline"]
@@ -42,24 +42,13 @@ def placements(snapshot: FleetSnapshot) -> list[dict]:
                 "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None}
         return found
 
-    # Agents counted by kind (region, capabilities, status) first: a few rows, not one per agent.
-    kinds: dict[tuple[str, str, str], list[int]] = {}
-    for agent, status in zip(snapshot.agents, snapshot.statuses, strict=True):
-        kind = kinds.get((agent.region, agent.capabilities, status))
-        if kind is None:
-            kind = kinds[(agent.region, agent.capabilities, status)] = [0, 0]
-        kind[0] += 1
-        running = snapshot.running.get(agent.id)
-        if running:
-            for capability, n in running.items():
-                row(agent.region, capability)["slots_used"] += n
-        if status == AgentStatus.ONLINE:
-            kind[1] += max(0, agent.max_jobs - (sum(running.values()) if running else 0))
-    for (region, capabilities, status), (count, free) in kinds.items():
-        for capability in [c for c in capabilities.split(",") if c]:
-            r = row(region, capability)
-            r[status] += count
-            r["slots_free"] += free
+    for kind, totals in snapshot.kinds.items():
+        for capability in [c for c in kind.capabilities.split(",") if c]:
+            r = row(kind.region, capability)
+            r[kind.status] += totals.agents
+            r["slots_free"] += totals.slots_free
+    for (region, capability), n in snapshot.jobs_running.items():
+        row(region, capability)["slots_used"] += n
     now = utcnow()
     waiting = db.session.execute(select(Job.region, Job.capability, func.count(), func.min(Job.created_at))
                                  .where(Job.status.in_(WAITING)).group_by(Job.region, Job.capability)).all()

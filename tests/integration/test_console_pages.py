@@ -450,9 +450,9 @@ def test_fleet_page_reads_lease_presence_and_job_records_and_agrees_with_cluster
         from exploop.api import admin
         from exploop.api.console_fleet import placements
         snapshot = admin.fleet_snapshot()
-        assert dict(zip([a.name for a in snapshot.agents], snapshot.statuses, strict=True)) == {
-            "on": "online", "busy": "online", "drn": "draining", "stop": "stopping", "dis": "disabled",
-            "off": "offline"}
+        assert {kind.status: totals.agents for kind, totals in snapshot.kinds.items()} == {
+            "online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+        assert snapshot.agents == 6 and snapshot.jobs_running == {("us-east-1", "secrets"): 1}
         rows = {(r["region"], r["capability"]): r for r in placements(snapshot)}
     sast, secrets = rows[("us-east-1", "sast")], rows[("us-east-1", "secrets")]
     assert {k: sast[k] for k in ("online", "draining", "stopping", "disabled", "offline")} == {
