@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, current_app, g, jsonify, redirect, render_template, request, url_for
@@ -157,15 +159,18 @@ def _back(default: str) -> Response:
     return redirect(target if target.startswith("/ui/") and not target.startswith("//") else default)
 
 
-def _act(default: str, action, done: str) -> Response:
-    """Run an admin action; tell its outcome on the next page (an ApiError is shown, not raised)."""
+def _act(default: str, action: Callable[[], Any], done: str | Callable[[Any], str]) -> Response:
+    """Run an admin action; tell its outcome on the next page (an ApiError is shown, not raised).
+
+    ``done`` is the message, or makes it from the action's result.
+    """
     try:
-        action()
+        result = action()
     except ApiError as exc:
         db.session.rollback()
         _notify(exc.message, "error")
     else:
-        _notify(done)
+        _notify(done(result) if callable(done) else done)
     return _back(default)
 
 
@@ -308,6 +313,20 @@ def drain_agent(name):
 def uncordon_agent(name):
     return _act(url_for("console.agent_page", name=name),
                 lambda: admin.set_desired_state(name, "active", g.admin.name), f"Agent {name} is active again.")
+
+
+@bp.post("/agents/<name>/disable")
+def disable_agent(name):
+    return _act(url_for("console.agent_page", name=name), lambda: admin.set_disabled(name, True, g.admin.name),
+                lambda view: f"Agent {name} disabled: it takes no jobs until enabled"
+                + (f"; {view['requeued_jobs']} running job{'s' * (view['requeued_jobs'] != 1)} requeued."
+                   if view["requeued_jobs"] else "."))
+
+
+@bp.post("/agents/<name>/enable")
+def enable_agent(name):
+    return _act(url_for("console.agent_page", name=name), lambda: admin.set_disabled(name, False, g.admin.name),
+                f"Agent {name} enabled: it takes jobs again from its next lease renewal.")
 
 
 @bp.post("/agents/<name>/delete")

@@ -1,8 +1,8 @@
 """What the console's Fleet page shows: region x capability placements and the last hour.
 
-Built from the same sources as ``cluster-info`` (agent records, one MGET of their leases,
-queue depths from the broker, job records), with the same status rule
-(:func:`exploop.fleet.agent_status`), so the page and the CLI never disagree.
+Built from the same snapshot as ``cluster-info`` (agent records, lease presence, running
+jobs from the job records, queue depths from the broker), with the same status rule
+(:func:`exploop.core.fleet.agent_status`), so the page and the CLI never disagree.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import redis
 from flask import current_app
 from sqlalchemy import and_, case, func, or_, select
 
-from ..core import fleet
 from ..core.extensions import db
 from ..core.models import Job, utcnow
 from ..routing import queue_for
 from ..vocabulary import FINAL_STATUSES
+from .admin import FleetSnapshot
 
 __all__ = ["placements", "hour_series", "sparkline"]
 
@@ -24,13 +24,14 @@ WAITING = ("pending", "queued")
 STATUSES = ("online", "draining", "disabled", "stopping", "offline")
 
 
-def placements(snapshot: tuple[list, dict | None]) -> list[dict]:
+def placements(snapshot: FleetSnapshot) -> list[dict]:
     """One row per (region, capability) that has agents, a queue or waiting jobs.
 
-    ``snapshot`` is :func:`exploop.api.admin.fleet_snapshot`'s (shared with the summary).
+    ``snapshot`` is :func:`exploop.api.admin.fleet_snapshot`'s (shared with the summary):
+    statuses from lease presence, slots used from the running job records (as ``cluster-info``
+    counts them), slots free = an online agent's ``max_jobs`` less its running jobs.
     ``problem`` is set when jobs wait there and no live agent consumes the queue.
     """
-    agents, leases = snapshot
     rows: dict[tuple[str, str], dict] = {}
 
     def row(region: str, capability: str) -> dict:
@@ -41,18 +42,13 @@ def placements(snapshot: tuple[list, dict | None]) -> list[dict]:
                 "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None}
         return found
 
-    for agent in agents:
-        lease = leases.get(agent.name) if leases is not None else None
-        # Redis unreadable: say so rather than call every agent offline (as cluster-info does).
-        status = fleet.agent_status(agent, lease) if leases is not None or agent.disabled else "unknown"
-        for capability in [c for c in agent.capabilities.split(",") if c]:
-            r = row(agent.region, capability)
-            r[status] += 1
-            if status in ("online", "draining", "stopping") and lease is not None:
-                used = int(lease.get("jobs_running", 0))
-                r["slots_used"] += used
-                if status == "online":
-                    r["slots_free"] += max(0, int(lease.get("max_jobs") or agent.max_jobs) - used)
+    for kind, totals in snapshot.kinds.items():
+        for capability in [c for c in kind.capabilities.split(",") if c]:
+            r = row(kind.region, capability)
+            r[kind.status] += totals.agents
+            r["slots_free"] += totals.slots_free
+    for (region, capability), n in snapshot.jobs_running.items():
+        row(region, capability)["slots_used"] += n
     now = utcnow()
     waiting = db.session.execute(select(Job.region, Job.capability, func.count(), func.min(Job.created_at))
                                  .where(Job.status.in_(WAITING)).group_by(Job.region, Job.capability)).all()

@@ -206,6 +206,61 @@ def test_drain_and_uncordon_from_the_page_steer_the_real_workers(console, stack)
     assert console.errors == []
 
 
+def test_disable_and_enable_from_the_pages_steer_the_real_workers(console, stack):
+    # A region of their own: the other tests' agents (us-east-1) never take these jobs.
+    tenant = stack.tenant("disableco")
+    for name in ("dis-a", "dis-b"):
+        stack.start_agent(name, REGION="ap-south-1", CAPABILITIES="secrets", EXPLOOP_SIMULATED_SCAN="0.2s")
+    stack.wait_for(lambda: {a["name"] for a in stack.admin("GET", "/admin/v1/agents?status=online").json()["items"]}
+                   >= {"dis-a", "dis-b"}, 60, "dis-a and dis-b online")
+    node_a = _agent_view(stack, "dis-a")["nodename"]
+    stack.wait_for(lambda: _consumed_queues(stack, node_a), 30, "dis-a consuming")
+    console.sign_in(stack.admin_token)
+    # Disable from the Agents table.
+    page = console.goto("/ui/agents?region=ap-south-1")
+    row = page.locator('tr[data-agent="dis-a"]')
+    expect(row.locator('button[data-action="enable"]')).to_have_count(0)
+    row.locator('button[data-action="disable"]').click()
+    assert console.dialogs and console.dialogs[-1].startswith("confirm: Disable dis-a? It is switched off at once")
+    expect(page.locator(".notice-ok")).to_contain_text("Agent dis-a disabled")
+    row = page.locator('tr[data-agent="dis-a"]')
+    expect(row).to_have_attribute("data-status", "disabled")
+    expect(row.locator('button[data-action="enable"]')).to_have_count(1)
+    expect(row.locator('button[data-action="disable"]')).to_have_count(0)
+    # The real Celery worker stopped consuming at once (remote control) and stays held: its
+    # renewals are refused while it is disabled.
+    stack.wait_for(lambda: _consumed_queues(stack, node_a) == set(), 30, "dis-a stops consuming")
+    jobs = [stack.submit(tenant, region="ap-south-1") for _ in range(3)]
+    for job_id in jobs:
+        stack.wait_job(tenant, job_id, ("completed",))
+        assert stack.job(job_id)["agent"] == "dis-b"
+    assert _agent_view(stack, "dis-a")["status"] == "disabled"
+    # The Agent page says so, and enables it again.
+    page = console.goto("/ui/agents/dis-a")
+    expect(page.locator("#agent-status")).to_have_text("disabled")
+    expect(page.locator("#disabled-note")).to_be_visible()
+    console.shot("agent-disabled")
+    page.click('button[data-action="enable"]')
+    assert console.dialogs[-1].startswith("confirm: Enable dis-a?")
+    expect(page.locator(".notice-ok")).to_contain_text("Agent dis-a enabled")
+    # Online from its next lease renewal, shown by the live panel without a reload.
+    expect(page.locator("#agent-status")).to_have_text("online", timeout=30_000)
+    expect(page.locator('button[data-action="disable"]')).to_have_count(1)
+    stack.wait_for(lambda: "secrets.ap-south-1" in (_consumed_queues(stack, node_a) or set()), 30,
+                   "dis-a consuming again")
+    # With dis-b disabled (from its page too), the next job can only go to dis-a.
+    page = console.goto("/ui/agents/dis-b")
+    page.click('button[data-action="disable"]')
+    expect(page.locator("#agent-status")).to_have_text("disabled")
+    job_id = stack.submit(tenant, region="ap-south-1")
+    stack.wait_job(tenant, job_id, ("completed",))
+    assert stack.job(job_id)["agent"] == "dis-a"
+    audit = stack.admin("GET", "/admin/v1/audit", params={"target": "dis-a"}).json()["items"]
+    assert {(e["actor"], e["action"]) for e in audit} >= {("tests", "disable agent"), ("tests", "enable agent")}
+    stack.admin("POST", "/admin/v1/agents/dis-b/enable")
+    assert console.errors == []
+
+
 def test_viewer_sees_no_action_and_a_forged_post_is_refused(console, stack):
     stack.admin("POST", "/admin/v1/agents", json={"name": "view-target", "region": "us-east-1",
                                                   "capabilities": ["sast"]})
@@ -216,9 +271,21 @@ def test_viewer_sees_no_action_and_a_forged_post_is_refused(console, stack):
         expect(page.locator("button[data-action]")).to_have_count(0)
         expect(page.locator("#create-token")).to_have_count(0)
     assert console.post("/ui/agents/view-target/drain") == 403
-    assert _agent_view(stack, "view-target")["desired_state"] == "active"
+    assert console.post("/ui/agents/view-target/disable") == 403
+    view = _agent_view(stack, "view-target")
+    assert view["desired_state"] == "active" and view["status"] != "disabled"
+    # A disabled agent: shown as such, and still no button (no enable either); a forged enable is refused.
+    stack.admin("POST", "/admin/v1/agents", json={"name": "view-disabled", "region": "us-east-1",
+                                                  "capabilities": ["sast"]})
+    assert stack.admin("POST", "/admin/v1/agents/view-disabled/disable").status_code == 200
+    page = console.goto("/ui/agents/view-disabled")
+    expect(page.locator("#agent-status")).to_have_text("disabled")
+    expect(page.locator("button[data-action]")).to_have_count(0)
+    assert console.post("/ui/agents/view-disabled/enable") == 403
+    assert _agent_view(stack, "view-disabled")["status"] == "disabled"
     audit = stack.admin("GET", "/admin/v1/audit?action=permission denied").json()["items"]
-    assert any(e["target"] == "POST /ui/agents/view-target/drain" for e in audit)
+    assert {"POST /ui/agents/view-target/drain", "POST /ui/agents/view-target/disable",
+            "POST /ui/agents/view-disabled/enable"} <= {e["target"] for e in audit}
 
 
 def test_a_post_without_csrf_token_is_refused(console, stack):

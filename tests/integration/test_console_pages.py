@@ -160,13 +160,15 @@ def test_viewer_sees_no_actions_and_a_forged_post_is_refused_and_audited(app, vi
         html = viewer_client.get(path).text
         assert "data-action=" not in html and 'id="create-token"' not in html, path
     csrf = csrf_of(viewer_client)
-    for path in ("/ui/agents/a1/drain", "/ui/agents/a1/delete", "/ui/tokens"):
+    for path in ("/ui/agents/a1/drain", "/ui/agents/a1/delete", "/ui/agents/a1/disable", "/ui/tokens"):
         reply = viewer_client.post(path, data={"csrf_token": csrf, "max_uses": "1"})
         assert reply.status_code == 403 and "needs &#39;admin&#39;" in reply.text
     with app.app_context():
-        assert db.session.scalar(select(Agent.desired_state).where(Agent.name == "a1")) == "active"
+        assert db.session.execute(select(Agent.desired_state, Agent.disabled).where(Agent.name == "a1")).one() \
+            == ("active", False)
         denied = db.session.scalars(select(AuditEvent.target).where(AuditEvent.action == "permission denied")).all()
-        assert sorted(denied) == ["POST /ui/agents/a1/delete", "POST /ui/agents/a1/drain", "POST /ui/tokens"]
+        assert sorted(denied) == ["POST /ui/agents/a1/delete", "POST /ui/agents/a1/disable", "POST /ui/agents/a1/drain",
+                                  "POST /ui/tokens"]
     # Viewers may still sign themselves out.
     assert viewer_client.post("/ui/logout", data={"csrf_token": csrf}).status_code == 302
 
@@ -383,3 +385,87 @@ def test_status_filter_agrees_with_each_agents_shown_status(app, admin_client):
         html = admin_client.get(f"/ui/agents?status={status}").text
         assert set(re.findall(r'data-agent="([^"]+)" data-status="' + status + '"', html)) == names, status
         assert len(re.findall(r"data-agent=", html)) == len(names), status
+
+
+def test_disable_and_enable_from_the_console_requeue_and_are_audited(app, admin_client):
+    make_tenant(app)
+    _agent(app, "a1")
+    app.extensions["leases"].renew("a1", {"jobs_running": 1, "running_jobs": []}, 60)
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+        agent = db.session.scalar(select(Agent).where(Agent.name == "a1"))
+        job = Job(tenant_id=tenant.id, capability="sast", region="us-east-1", status="running",
+                  repo_url="https://git.example.com/a.git", time_limit=60, agent_id=agent.id, agent_name="a1",
+                  started_at=utcnow())
+        db.session.add(job)
+        db.session.commit()
+        job_id = job.id
+    page = admin_client.get("/ui/agents/a1").text
+    assert 'data-action="disable"' in page and 'data-action="enable"' not in page
+    assert 'data-confirm="Disable a1? It is switched off at once' in page
+    csrf = csrf_of(admin_client, "/ui/agents/a1")
+    assert admin_client.post("/ui/agents/a1/disable").status_code == 403  # no CSRF token: refused
+    reply = admin_client.post("/ui/agents/a1/disable", data={"csrf_token": csrf, "next": "/ui/agents/a1"})
+    assert reply.status_code == 302 and reply.location.endswith("/ui/agents/a1")
+    page = admin_client.get("/ui/agents/a1").text
+    assert "Agent a1 disabled: it takes no jobs until enabled; 1 running job requeued." in page
+    assert 'id="agent-status">disabled<' in page and 'id="disabled-note"' in page
+    assert 'data-action="enable"' in page and 'data-action="disable"' not in page
+    rows = admin_client.get("/ui/agents/rows").text
+    assert 'data-agent="a1" data-status="disabled"' in rows and 'data-action="enable"' in rows
+    with app.app_context():
+        requeued = db.session.get(Job, job_id)
+        assert requeued.status == "queued" and requeued.agent_id is None
+    assert app.extensions["leases"].get("a1") is None  # its lease is dropped at once
+    reply = admin_client.post("/ui/agents/a1/enable", data={"csrf_token": csrf, "next": "/ui/agents"})
+    assert reply.location.endswith("/ui/agents")
+    page = admin_client.get("/ui/agents").text
+    assert "Agent a1 enabled" in page and 'data-agent="a1" data-status="offline"' in page
+    # An unknown agent is told on the next page, not a 500.
+    admin_client.post("/ui/agents/ghost/disable", data={"csrf_token": csrf, "next": "/ui/agents"})
+    assert "agent &#39;ghost&#39; not found" in admin_client.get("/ui/agents").text
+    with app.app_context():
+        actions = db.session.execute(select(AuditEvent.actor, AuditEvent.action, AuditEvent.target).where(
+            AuditEvent.target == "a1").order_by(AuditEvent.id)).all()
+        assert [tuple(a) for a in actions] == [("ops", "disable agent", "a1"), ("ops", "enable agent", "a1")]
+
+
+def test_fleet_page_reads_lease_presence_and_job_records_and_agrees_with_cluster_info(app, admin_client):
+    make_tenant(app)
+    for name in ("on", "busy", "drn", "stop", "dis", "off"):
+        _agent(app, name, desired_state="draining" if name == "drn" else "active", disabled=name == "dis")
+    leases = app.extensions["leases"]
+    for name in ("on", "busy", "drn", "dis"):
+        # The lease body's job count is stale on purpose: slots come from the job records.
+        leases.renew(name, {"status": "active", "jobs_running": 2, "running_jobs": []}, 60)
+    leases.renew("stop", {"status": "stopping", "jobs_running": 0, "running_jobs": []}, 60)
+    with app.app_context():
+        tenant = db.session.scalar(select(Tenant))
+        busy = db.session.scalar(select(Agent).where(Agent.name == "busy"))
+        db.session.add(Job(tenant_id=tenant.id, capability="secrets", region="us-east-1", status="running",
+                           repo_url="https://git.example.com/a.git", time_limit=60, agent_id=busy.id,
+                           agent_name="busy", started_at=utcnow()))
+        db.session.commit()
+    with app.test_request_context("/ui/"):
+        from exploop.api import admin
+        from exploop.api.console_fleet import placements
+        snapshot = admin.fleet_snapshot()
+        assert {kind.status: totals.agents for kind, totals in snapshot.kinds.items()} == {
+            "online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+        assert snapshot.agents == 6 and snapshot.jobs_running == {("us-east-1", "secrets"): 1}
+        rows = {(r["region"], r["capability"]): r for r in placements(snapshot)}
+    sast, secrets = rows[("us-east-1", "sast")], rows[("us-east-1", "secrets")]
+    assert {k: sast[k] for k in ("online", "draining", "stopping", "disabled", "offline")} == {
+        "online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+    # One secrets job runs on "busy" (max 2): used 1 there; free = 2 online agents x 2 slots - 1.
+    assert (sast["slots_used"], secrets["slots_used"]) == (0, 1)
+    assert sast["slots_free"] == secrets["slots_free"] == 3
+    info = admin_client.get("/admin/v1/cluster-info", headers={"Authorization": f"Bearer {_admin_token(app)}"}).json
+    assert info["agents"]["by_status"] == {"online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
+    assert info["capacity"] == {"used": sum(r["slots_used"] for r in rows.values()), "total": 4}
+    assert 'class="status status-stopping">stopping 1<' in admin_client.get("/ui/").text
+
+
+def _admin_token(app) -> str:
+    return make_admin_token(app, "viewer", f"reader{time.monotonic_ns()}")
+
