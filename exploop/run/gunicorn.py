@@ -9,6 +9,7 @@ those win over the values here.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -60,7 +61,13 @@ class _Gunicorn(BaseApplication):
     def load(self):
         # Lazy: the app (and prometheus_client) load after PROMETHEUS_MULTIPROC_DIR is set.
         from ..api.app import create_app
-        return create_app()
+        app = create_app()
+        # What the app holds for its life (modules, mappers, schemas, routes) leaves the
+        # collector's sight: a full collection then walks only what requests made, not the
+        # whole app on every request that happens to trigger one.
+        gc.collect()
+        gc.freeze()
+        return app
 
 
 def gunicorn_options(host: str, port: int, workers: int, threads: int,
