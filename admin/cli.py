@@ -556,10 +556,8 @@ def disable():
 @click.pass_obj
 def disable_agent(session, name, output_format):
     """Disable an agent: its lease and claims are refused, its running jobs requeued at once."""
-    # Running jobs from the job records (the lease body lags a heartbeat).
-    running = session.client.get("/admin/v1/jobs", params={"agent": name, "status": "running",
-                                                          "per_page": 1})["total"]
     view = session.client.post(_path("agents", name, "disable"))
+    running = view["requeued_jobs"]  # counted by the server as it requeued them
     _print_doc(view, output_format, f"agent/{view['name']} disabled: takes no jobs until enabled"
                + (f"; {running} running job{'s' * (running != 1)} requeued" if running else ""))
 

@@ -36,6 +36,7 @@ from .schemas import (
     AgentCreate,
     AgentCreated,
     AgentDetailOut,
+    AgentDisabledOut,
     AgentListArgs,
     AgentOut,
     AgentPage,
@@ -397,7 +398,7 @@ def set_disabled(name: str, disabled: bool, actor: str) -> dict:
 
 
 @bp.post("/agents/<name>/disable")
-@bp.response(200, AgentOut)
+@bp.response(200, AgentDisabledOut)
 @bp.errors(404)
 @admin_required("admin")
 def disable_agent(name):

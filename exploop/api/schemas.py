@@ -523,6 +523,10 @@ class AgentCreated(AgentOut):
     api_key = fields.String()
 
 
+class AgentDisabledOut(AgentOut):
+    requeued_jobs = fields.Integer(metadata={"description": "running jobs the disable sent back to their queues"})
+
+
 _DEGRADED = {"description": "present when Redis could not be read: what is unknown, and what comes"
                             " from the database instead"}
 
