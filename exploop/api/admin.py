@@ -287,10 +287,7 @@ def _agents_with_status(query, args: dict, status: str) -> dict:
                             else Agent.desired_state != DesiredState.DRAINING)
     rows = db.session.execute(query.with_only_columns(Agent.name, Agent.disabled, Agent.desired_state)).all()
     live = current_app.extensions["lease_reads"].presence([r.name for r in rows])
-
-    def lease(name: str) -> dict | None:
-        return None if name not in live else {"status": AgentStatus.STOPPING} if live[name] else {}
-    names = [r.name for r in rows if fleet.agent_status(r, lease(r.name)) == status]
+    names = [r.name for r in rows if fleet.presence_status(r, live) == status]
     start = (args["page"] - 1) * args["per_page"]
     shown = names[start:start + args["per_page"]]
     records = db.session.scalars(select(Agent).where(Agent.name.in_(shown)).order_by(Agent.name)).all()
@@ -540,10 +537,6 @@ def cluster_info():
     return cluster_overview()
 
 
-#: What the status rule needs of a stopping agent's lease (presence tells it without decoding).
-_STOPPING_LEASE = {"status": AgentStatus.STOPPING}
-
-
 class FleetKind(NamedTuple):
     """Agents of one region, capability set and status."""
 
@@ -607,8 +600,7 @@ def fleet_snapshot() -> FleetSnapshot:
         if live is None:  # Redis unreadable: only "disabled" (the database holds it) is known
             status = AgentStatus.DISABLED if agent.disabled else AgentStatus.UNKNOWN
         else:
-            status = fleet.agent_status(agent, None if agent.name not in live
-                                        else _STOPPING_LEASE if live[agent.name] else {})
+            status = fleet.presence_status(agent, live)
         key = (agent.region, agent.capabilities, status)
         totals = kinds.get(key)
         if totals is None:

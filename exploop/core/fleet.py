@@ -50,6 +50,7 @@ def audit(actor: str, action: str, target: str | None = None, detail: str | None
 class AgentRecord(Protocol):
     """What the status needs of an agent: a model or a row of these columns."""
 
+    name: str
     disabled: bool
     desired_state: str
 
@@ -63,6 +64,13 @@ def agent_status(agent: AgentRecord, lease: dict | None) -> str:
     if lease.get("status") == AgentStatus.STOPPING:
         return AgentStatus.STOPPING
     return AgentStatus.DRAINING if agent.desired_state == DesiredState.DRAINING else AgentStatus.ONLINE
+
+
+def presence_status(agent: AgentRecord, live: dict[str, bool]) -> str:
+    """:func:`agent_status` from lease presence (``LeaseStore.presence``: name -> stopping),
+    with no lease body decoded."""
+    stopping = live.get(agent.name)
+    return agent_status(agent, None if stopping is None else {"status": AgentStatus.STOPPING} if stopping else {})
 
 
 def running_jobs(agent_ids: list[int]) -> dict[int, list[str]]:
