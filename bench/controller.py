@@ -47,18 +47,10 @@ from exploop.core.security import hash_token
 from exploop.routing import queue_for
 from exploop.run.children import free_port, start_redis
 
-REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "ap-south-1")
+sys.path.insert(0, str(Path(__file__).parent))
+from get_agents import REGIONS, _empty_database  # noqa: E402
+
 CAPABILITIES = ("sast", "sca", "secrets")
-
-
-def _empty_database(url: str) -> None:
-    if url.startswith("sqlite"):
-        return
-    from sqlalchemy import create_engine, text
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
 
 
 def message(job_id: str, attempt: int, capability: str, region: str) -> str:
