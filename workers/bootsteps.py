@@ -83,12 +83,6 @@ class LeaseStep(bootsteps.StartStopStep):
             if consumer is not None and not self.stopping():
                 consumer.call_soon(_apply, consumer, runtime.queues, state, _hold_reason(runtime))
 
-        def hold(held: bool) -> None:
-            consumer = getattr(worker, "consumer", None)
-            if consumer is not None and not self.stopping():
-                consumer.call_soon(_apply, consumer, runtime.queues, runtime.desired_state,
-                                   _hold_reason(runtime))
-
         def on_auth_failure() -> None:
             # The key is refused (agent deleted): its jobs already run elsewhere, so do not let
             # them finish. A cold shutdown kills the pool children, and their scanners die with them.
@@ -106,7 +100,7 @@ class LeaseStep(bootsteps.StartStopStep):
         observe = runtime.metrics.heartbeat_latency.observe if runtime.metrics else (lambda s: None)
         self.manager = LeaseManager(runtime.client, runtime.heartbeat_interval, report,
                                     apply_state, on_auth_failure, observe_latency=observe,
-                                    after_renewal=memory.check, hold=hold,
+                                    after_renewal=memory.check, hold=lambda held: apply_state(runtime.desired_state),
                                     incarnation=runtime.incarnation)
         runtime.lease_manager = self.manager
         self.manager.start()
