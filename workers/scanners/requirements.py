@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .osv import normalize_name
 from .packages import Package
 
 __all__ = ["RequirementsFile", "parse_requirements_file", "read_requirements", "is_requirements_file",
@@ -103,10 +104,6 @@ def parse_requirements_file(text: str, path: str) -> RequirementsFile:
     return result
 
 
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _target(including: str, target: str) -> tuple[str | None, str]:
     """The repository path an include names, or (None, why it is not followed)."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", target):
@@ -157,7 +154,7 @@ def read_requirements(tops: list[str], load: Callable[[str], RequirementsFile | 
             else:
                 for req in parsed.requirements:
                     if req.version is not None:
-                        constraints.setdefault(_normalize(req.name), (req.version, path, req.line))
+                        constraints.setdefault(normalize_name("PyPI", req.name), (req.version, path, req.line))
             for kind, target, number in parsed.includes:
                 where = f"{'-c' if kind == 'c' else '-r'} {target} in {path} line {number}"
                 resolved, why = _target(path, target)
@@ -188,8 +185,8 @@ def read_requirements(tops: list[str], load: Callable[[str], RequirementsFile | 
                 if req.version is not None:
                     packages[(parsed.path, req.line, req.name)] = Package(
                         "PyPI", req.name, req.version, parsed.path, req.line)
-                elif _normalize(req.name) in constraints:
-                    version, where, number = constraints[_normalize(req.name)]
+                elif normalize_name("PyPI", req.name) in constraints:
+                    version, where, number = constraints[normalize_name("PyPI", req.name)]
                     packages[(where, number, req.name)] = Package("PyPI", req.name, version, where, number)
                 else:
                     unpinned.setdefault((parsed.path, req.line), {

@@ -50,15 +50,6 @@ def lockfile_kind(path: str) -> str | None:
 
 # --- PyPI -------------------------------------------------------------------
 
-def parse_requirements(text: str, path: str) -> tuple[list[Package], list[dict]]:
-    """``name==version`` pins of one file (includes not followed); the rest is unpinned."""
-    parsed = parse_requirements_file(text, path)
-    packages = [Package("PyPI", r.name, r.version, path, r.line) for r in parsed.requirements if r.version]
-    unpinned = parsed.invalid + [{"path": path, "line": r.line, "requirement": r.text, "reason": r.reason}
-                                 for r in parsed.requirements if not r.version]
-    return packages, sorted(unpinned, key=lambda i: i["line"])
-
-
 def parse_poetry(text: str, path: str) -> list[Package]:
     try:
         data = tomllib.loads(text)
@@ -227,9 +218,10 @@ def _go_directive(kind, body, number, requires, replaces) -> None:
 
 
 def parse_lockfile(kind: str, text: str, path: str) -> tuple[list[Package], list[dict]]:
-    """Packages with exact versions in one lockfile, and entries that could not be checked."""
-    if kind == "requirements":
-        return parse_requirements(text, path)
+    """Packages with exact versions in one lockfile, and entries that could not be checked.
+
+    Requirements files are not lockfiles: ``scan`` reads them with their includes
+    (``read_requirements``)."""
     if kind == "pyproject":
         return manifests.parse_pyproject(text, path)
     parser = {"poetry": parse_poetry, "pipfile": parse_pipfile_lock, "npm": parse_package_lock,
