@@ -50,15 +50,17 @@ class KeyLayout:
                    priority_steps=tuple(options.get("priority_steps", PRIORITY_STEPS)),
                    unacked=options.get("unacked_key", Channel.unacked_key))
 
+    def _list(self, queue: str, step: int) -> str:
+        return self.prefix + (f"{queue}{self.sep}{step}" if step else queue)
+
     def lists(self, queue: str) -> list[str]:
         """Every Redis list holding ``queue``'s messages, one per priority step."""
-        return [self.prefix + (f"{queue}{self.sep}{step}" if step else queue) for step in self.priority_steps]
+        return [self._list(queue, step) for step in self.priority_steps]
 
     def consume_order(self, queues: Iterable[str]) -> list[str]:
         """Keys for BRPOP in kombu's own order: each priority step across all queues."""
         queues = list(queues)
-        return [self.prefix + (f"{queue}{self.sep}{step}" if step else queue)
-                for step in self.priority_steps for queue in queues]
+        return [self._list(queue, step) for step in self.priority_steps for queue in queues]
 
     @property
     def unacked_key(self) -> str:
@@ -192,15 +194,12 @@ class Broker:
         depths = {name: sum(replies[i * step:(i + 1) * step]) for i, name in enumerate(names)}
         return depths, sum(replies[len(names) * step:])
 
-    def deliveries(self, queues: Iterable[str], unacked: bool = True) -> set[Delivery]:
-        """Every (job id, attempt) waiting in ``queues`` (and, with ``unacked``, delivered and not
-        yet acknowledged, in any queue)."""
+    def deliveries(self, queues: Iterable[str]) -> set[Delivery]:
+        """Every (job id, attempt) waiting in ``queues`` (``unacked`` has the delivered ones)."""
         present: set[Delivery | None] = set()
         for queue in queues:
             for key in self.layout.lists(queue):
                 present.update(decode_delivery(raw) for raw in self.client.lrange(key, 0, -1))
-        if unacked:
-            present |= self.unacked()
         present.discard(None)
         return present  # type: ignore[return-value]
 

@@ -15,7 +15,7 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from ..broker import Broker, Brokers, KeyLayout, is_sentinel, parse_region_brokers, redis_client
+from ..broker import Broker, Brokers, KeyLayout, is_sentinel, parse_region_brokers, redact, redis_client
 from ..celery_app import make_celery
 from ..config import CAPABILITIES, ConfigError, parse_duration, server_defaults
 from ..core.extensions import db, migrate
@@ -236,6 +236,6 @@ def _broker(app: Flask, url: str, client: redis.Redis, regions: list[str], time_
             client = redis_client(url, options.get("master_name"), socket_timeout=5, socket_connect_timeout=3,
                                   health_check_interval=30)
         except ValueError as exc:
-            raise ConfigError(f"broker {url.split('@')[-1]!r}: {exc}") from None
+            raise ConfigError(f"broker {redact(url)!r}: {exc}") from None
     return Broker(client, KeyLayout.from_transport_options(options), url=url, celery=celery,
                   master_name=options.get("master_name"))

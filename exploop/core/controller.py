@@ -23,7 +23,7 @@ import time
 from datetime import UTC, timedelta
 
 import redis
-from flask import Flask, current_app
+from flask import Flask
 from kombu.exceptions import OperationalError
 from redis.exceptions import LockError
 from sqlalchemy import exists, func, literal, select, union_all
@@ -34,7 +34,7 @@ from ..routing import queue_for
 from ..vocabulary import JobStatus
 from . import handouts, jobs
 from .extensions import db
-from .models import Agent, Job, Tenant, utcnow
+from .models import Agent, Job, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +171,10 @@ class Controller:
         if not agents:
             leases.settle(due)  # deleted or disabled agents
             return 0
-        live = leases.get_many([a.name for a in agents], with_ttl=False)
-        offline = [a for a in agents if live.get(a.name) is None]
-        for agent in agents:
-            if live.get(agent.name) is not None:
-                self._graced.pop(agent.name, None)
+        alive = leases.present([a.name for a in agents])
+        offline = [a for a in agents if a.name not in alive]
+        for name in alive:
+            self._graced.pop(name, None)
         renewals = leases.last_renewals([a.name for a in offline]) if offline else {}
         busy = set(db.session.scalars(select(Job.agent_id).where(
             Job.status == JobStatus.RUNNING, Job.agent_id.in_([a.id for a in offline])).distinct())) if offline else set()
@@ -189,7 +188,7 @@ class Controller:
             requeued += self.expire_agent(agent, agent.id in busy)
         # Handled: out of the index (an agent renewed meanwhile keeps its new deadline; one
         # in its outage grace stays, to be looked at again next tick).
-        leases.settle([name for name in due if live.get(name) is None and name not in waiting])
+        leases.settle([name for name in due if name not in alive and name not in waiting])
         return requeued
 
     def expire_agent(self, agent: Agent, busy: bool = True) -> int:
@@ -322,9 +321,7 @@ class Controller:
     @staticmethod
     def _known_queues() -> set[str]:
         """Every queue a job may be on: each capability in each configured or registered region."""
-        regions = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
-        regions |= set(db.session.scalars(select(Agent.region).distinct()))
-        return {queue_for(c, r) for r in regions for c in CAPABILITIES}
+        return {queue_for(c, r) for r in jobs.known_regions(include_disabled=True) for c in CAPABILITIES}
 
     def _lost_data(self, broker: Broker) -> bool:
         """Did this broker's Redis lose data since the last tick? (one round trip)
@@ -365,7 +362,7 @@ class Controller:
     @staticmethod
     def _republish_missing(broker: Broker, queues: set[str], cutoff) -> int:
         """Read ``queues`` whole and publish again each of their queued jobs with no message."""
-        present = broker.deliveries(queues, unacked=False)
+        present = broker.deliveries(queues)
         present |= handouts.handed_out(broker.client)  # popped by a poll, waiting for its claim
         # Delivered to a worker but never claimed: a worker that died before its claim, or a
         # delivery whose master failed over. Its message would come back only after the
@@ -397,8 +394,7 @@ class Controller:
             .order_by(func.min(Job.created_at))).all()
         admitted = 0
         for tenant_id in tenants:
-            if db.session.get(Tenant, tenant_id) is not None:
-                admitted += jobs.admit_pending(tenant_id)
+            admitted += jobs.admit_pending(tenant_id)  # a tenant since deleted admits nothing
         return admitted
 
 

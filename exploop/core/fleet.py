@@ -211,8 +211,7 @@ def _auto_region(token: BootstrapToken) -> str:
     """REGION=auto: the token's region, else the server's only region, else ``default``."""
     if token.region:
         return token.region
-    configured = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
-    regions = configured | set(db.session.scalars(select(Agent.region).distinct()))
+    regions = jobs.known_regions(include_disabled=True)
     if len(regions) > 1:
         raise ApiError(400, "region required: this server has several regions",
                        {"region": [f"set REGION to one of {', '.join(sorted(regions))}"]})

@@ -82,11 +82,13 @@ def _check_scheme(url: str) -> None:
         raise ApiError(400, "repository URL has no path", {"repo_url": ["missing path"]})
 
 
-def known_regions() -> set[str]:
-    """Regions a job may name: configured ones plus those of registered agents."""
+def known_regions(include_disabled: bool = False) -> set[str]:
+    """Regions a job may name: configured ones plus those of registered (enabled) agents."""
     configured = {r.strip() for r in current_app.config["REGIONS"].split(",") if r.strip()}
-    registered = set(db.session.scalars(select(Agent.region).where(Agent.disabled.is_(False)).distinct()))
-    return configured | registered
+    query = select(Agent.region).distinct()
+    if not include_disabled:
+        query = query.where(Agent.disabled.is_(False))
+    return configured | set(db.session.scalars(query))
 
 
 def unserved_warning(capability: str, region: str) -> str | None:
@@ -110,8 +112,7 @@ def unserved_warning(capability: str, region: str) -> str | None:
         leases = current_app.extensions["lease_reads"]
         try:
             for start in range(0, len(active), 100):
-                found = leases.get_many(active[start:start + 100], with_ttl=False)
-                if any(lease is not None for lease in found.values()):
+                if leases.present(active[start:start + 100]):
                     return None
         except redis.RedisError:
             return None  # cannot tell: no warning rather than a wrong one
@@ -133,14 +134,13 @@ def choose_region(capability: str) -> str:
     leases = current_app.extensions["leases"]
     agents = db.session.scalars(select(Agent).where(Agent.disabled.is_(False))).all()
     candidates = [a for a in agents if capability in a.capability_list]
-    live = leases.get_many([a.name for a in candidates])
+    live = leases.present([a.name for a in candidates])
     # Running jobs from the job records: a lease body lags a heartbeat.
     running = dict(db.session.execute(select(Job.agent_id, func.count()).where(
         Job.status == JobStatus.RUNNING).group_by(Job.agent_id)).all())
     free: dict[str, int] = {}
     for agent in candidates:
-        lease = live.get(agent.name)
-        if lease is None or agent.desired_state != DesiredState.ACTIVE:
+        if agent.name not in live or agent.desired_state != DesiredState.ACTIVE:
             continue
         slots = agent.max_jobs - running.get(agent.id, 0)
         free[agent.region] = free.get(agent.region, 0) + max(slots, 0)
@@ -418,13 +418,6 @@ def attempts_of(job: Job) -> list[JobAttempt]:
                                    .order_by(JobAttempt.attempt)))
 
 
-def _get_job(job_id: str) -> Job:
-    job = db.session.get(Job, job_id)
-    if job is None:
-        raise ApiError(404, f"job {job_id!r} not found")
-    return job
-
-
 def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = None) -> tuple[Job, str]:
     """Give the current attempt of a queued job to ``agent``; refuse anything else.
 
@@ -434,7 +427,7 @@ def claim(agent: Agent, job_id: str, attempt: int, incarnation: str | None = Non
     """
     if incarnation:
         adopt_incarnation(agent, incarnation)
-    job = _get_job(job_id)
+    job = get_job(job_id)
     if job.capability not in agent.capability_list or job.region != agent.region:
         raise ApiError(403, f"agent {agent.name!r} cannot run {job.capability} jobs in {job.region}")
     if agent.desired_state != DesiredState.ACTIVE:
@@ -491,7 +484,7 @@ def _finished(job: Job, outcome: str) -> None:
 
 def _held(agent: Agent, job_id: str, attempt: int, job_token: str | None) -> Job:
     """The job, if ``agent`` holds this attempt and presents its valid job token."""
-    job = _get_job(job_id)
+    job = get_job(job_id)
     if job.agent_id != agent.id or job.attempt != attempt:
         security_event("access_denied", "agent", f"agent={agent.name} job_id={job_id} attempt={attempt}")
         raise ApiError(403, f"agent {agent.name!r} does not hold job {job_id} attempt {attempt}")

@@ -108,7 +108,7 @@ def keyed_finding(item: dict, fingerprint: str, key: str | None) -> tuple[str, s
 
     The agent sends a plain SHA-256 of a secret (and a fingerprint made from it): both are
     keyed with the tenant's key before they are stored. Keying the plain values is what the
-    0003 migration does to older rows, so fingerprints stay the same across the migration.
+    0006 migration does to older rows, so fingerprints stay the same across the migration.
     Without a server key, a secret finding keeps no hash and a fingerprint of where it is.
     """
     plain_hash = item.get("secret_hash")
