@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
@@ -53,6 +52,7 @@ class _ProcessTreeCPU:
         self.labels = labels
 
     def collect(self):
+        import psutil  # agents only: the API and the controller import this module too
         me = psutil.Process()
         total = sum(me.cpu_times()[:2])
         for child in me.children(recursive=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = ["JobStatus", "DesiredState", "AgentStatus", "JOB_STATUSES",
-           "UNFINISHED_STATUSES", "ADMITTED_STATUSES", "FINAL_STATUSES", "AGENT_STATUSES", "SEVERITIES"]
+           "UNFINISHED_STATUSES", "ADMITTED_STATUSES", "WAITING_STATUSES", "FINAL_STATUSES", "AGENT_STATUSES", "SEVERITIES"]
 
 
 class JobStatus(StrEnum):
@@ -46,6 +46,8 @@ JOB_STATUSES = tuple(s.value for s in JobStatus)
 UNFINISHED_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
 #: Count toward a tenant plan's concurrency.
 ADMITTED_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+#: Accepted and not started yet.
+WAITING_STATUSES = (JobStatus.PENDING, JobStatus.QUEUED)
 FINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 AGENT_STATUSES = tuple(s.value for s in AgentStatus)
 #: Finding severities, most severe first.

@@ -495,7 +495,7 @@ def get_job(job_id):
 @bp.response(200, AdminJobOut)
 @bp.errors(404, 409)
 @admin_required("admin")
-def retryfind_job(job_id):
+def retry_job(job_id):
     """Requeue a failed or cancelled job as a new attempt."""
     return retry_job_as(job_id, g.admin.name)
 
@@ -512,7 +512,7 @@ def retry_job_as(job_id: str, actor: str) -> Job:
 @bp.response(200, AdminJobOut)
 @bp.errors(404, 409)
 @admin_required("admin")
-def cancelfind_job(job_id):
+def cancel_job(job_id):
     """Cancel a pending, queued or running job (a running scan is stopped on its agent)."""
     return cancel_job_as(job_id, g.admin.name)
 

@@ -30,7 +30,7 @@ from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Finding
 from ..core.sarif import build_sarif
 from ..core.security import security_event
 from ..redaction import redact_url
-from ..vocabulary import JobStatus
+from ..vocabulary import JOB_STATUSES, WAITING_STATUSES, JobStatus
 from . import admin
 from .auth import find_admin_token, refuse_credential
 from .console_fleet import hour_series, placements, sparkline
@@ -345,7 +345,7 @@ def jobs_page():
     filters = {k: v for k, v in request.args.items() if k not in ("page", "per_page")}
     return _page("jobs.html", page=page, filters=filters, regions=_regions(),
                  tenants=list(db.session.scalars(select(Tenant.name).order_by(Tenant.name).limit(500))),
-                 statuses=("pending", "queued", "running", "completed", "failed", "cancelled"),
+                 statuses=JOB_STATUSES,
                  pages=_pages(page, "console.jobs_page"), redact_url=redact_url)
 
 
@@ -434,7 +434,7 @@ def tenants_page():
     # The first waiting jobs of every tenant on the page, in one query (a window per tenant).
     ranked = select(Job.id, func.row_number().over(partition_by=Job.tenant_id, order_by=(Job.admission_key, Job.id))
                     .label("n")).where(Job.tenant_id.in_([t.id for t in page["items"]]),
-                                       Job.status.in_(("pending", "queued"))).subquery()
+                                       Job.status.in_(WAITING_STATUSES)).subquery()
     waiting: dict[int, list[Job]] = {tenant.id: [] for tenant in page["items"]}
     for job in db.session.scalars(select(Job).join(ranked, Job.id == ranked.c.id).where(ranked.c.n <= WAITING_SHOWN)
                                   .order_by(Job.admission_key, Job.id)):

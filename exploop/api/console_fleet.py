@@ -12,16 +12,15 @@ import redis
 from flask import current_app
 from sqlalchemy import and_, case, func, or_, select
 
+from ..config import CAPABILITIES
 from ..core.extensions import db
 from ..core.models import Job, utcnow
 from ..routing import queue_for
-from ..vocabulary import FINAL_STATUSES
+from ..vocabulary import AGENT_STATUSES, FINAL_STATUSES, UNFINISHED_STATUSES, WAITING_STATUSES
 from .admin import FleetSnapshot
 
 __all__ = ["placements", "hour_series", "sparkline"]
 
-WAITING = ("pending", "queued")
-STATUSES = ("online", "draining", "disabled", "stopping", "offline")
 
 
 def placements(snapshot: FleetSnapshot) -> list[dict]:
@@ -38,7 +37,7 @@ def placements(snapshot: FleetSnapshot) -> list[dict]:
         found = rows.get((region, capability))
         if found is None:
             found = rows[(region, capability)] = {
-                "region": region, "capability": capability, **{s: 0 for s in STATUSES}, "unknown": 0,
+                "region": region, "capability": capability, **dict.fromkeys(AGENT_STATUSES, 0),
                 "slots_used": 0, "slots_free": 0, "depth": None, "waiting": 0, "oldest_wait": None}
         return found
 
@@ -51,13 +50,13 @@ def placements(snapshot: FleetSnapshot) -> list[dict]:
         row(region, capability)["slots_used"] += n
     now = utcnow()
     waiting = db.session.execute(select(Job.region, Job.capability, func.count(), func.min(Job.created_at))
-                                 .where(Job.status.in_(WAITING)).group_by(Job.region, Job.capability)).all()
+                                 .where(Job.status.in_(WAITING_STATUSES)).group_by(Job.region, Job.capability)).all()
     for region, capability, count, oldest in waiting:
         r = row(region, capability)
         r["waiting"], r["oldest_wait"] = count, int((now - oldest).total_seconds())
     for region in current_app.config["REGIONS"].split(","):
         if region.strip():
-            for capability in ("sast", "sca", "secrets"):
+            for capability in CAPABILITIES:
                 if (region.strip(), capability) not in rows:
                     row(region.strip(), capability)
     try:
@@ -90,7 +89,7 @@ def hour_series(buckets: int = 12) -> dict:
     waiting = db.session.execute(select(*[
         func.coalesce(func.sum(case((and_(Job.created_at <= t, or_(Job.started_at.is_(None), Job.started_at > t),
                                           or_(Job.finished_at.is_(None), Job.finished_at > t)), 1), else_=0)), 0)
-        for t in edges]).where(or_(Job.status.in_(("pending", "queued", "running")),
+        for t in edges]).where(or_(Job.status.in_(UNFINISHED_STATUSES),
                                    and_(Job.status.in_(FINAL_STATUSES), Job.finished_at >= start)))).one()
     return {"throughput": throughput, "waiting": [int(n) for n in waiting],
             "step_minutes": int(step.total_seconds() // 60)}

@@ -669,7 +669,6 @@ class ClusterInfoOut(Strict):
                             metadata={"description": "online agents consuming each queue (null: unknown)"})
     unconsumed = fields.List(fields.String(), metadata={
         "description": "queues with jobs waiting (broker depth or queued job records) and no online agent"})
-    queues = fields.Dict(keys=fields.String(), values=fields.Integer(allow_none=True))
     brokers = fields.Dict(keys=fields.String(), values=fields.Nested(BrokerInfo), metadata={
         "description": "each broker (\"default\", or the regions REGION_BROKERS gives it): url, regions, status"})
     jobs = fields.Nested(JobCounts)
