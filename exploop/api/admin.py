@@ -377,21 +377,18 @@ def set_disabled(name: str, disabled: bool, actor: str) -> dict:
     fleet.audit(actor, "disable agent" if disabled else "enable agent", name)
     db.session.commit()
     fleet.forget_agent(agent)
-    running: list[Job] = []
+    requeued = 0
     if disabled:
         # The hard switch (drain is the graceful one): its jobs go to other agents now, its
         # reports and claims are refused, and its worker stops consuming at once.
-        running = list(db.session.scalars(select(Job).where(Job.agent_id == agent.id,
-                                                            Job.status == JobStatus.RUNNING)).all())
-        for job in running:
-            jobs.requeue(job, f"agent {name} disabled by {actor}")
+        requeued = jobs.requeue_running(agent, f"agent {name} disabled by {actor}")
         current_app.extensions["leases"].release(agent.name)
-        logger.warning("agent disabled agent=%s by=%s requeued_jobs=%d", name, actor, len(running))
+        logger.warning("agent disabled agent=%s by=%s requeued_jobs=%d", name, actor, requeued)
     else:
         logger.info("agent enabled agent=%s by=%s", name, actor)
     view = fleet.describe_agents([agent])[0]
     _broadcast_queues(agent, agent.nodename, "draining" if disabled else agent.desired_state)
-    return dict(view, requeued_jobs=len(running))
+    return dict(view, requeued_jobs=requeued)
 
 
 @bp.post("/agents/<name>/disable")
@@ -427,13 +424,10 @@ def remove_agent(name: str, actor: str) -> None:
     agent = _agent(name)
     # Forget the cached identity before and after the delete, so no renewal can slip in.
     fleet.forget_agent(agent)
-    running = db.session.scalars(select(Job).where(Job.agent_id == agent.id,
-                                                   Job.status == JobStatus.RUNNING)).all()
-    for job in running:
-        jobs.requeue(job, f"agent {name} deleted")
+    requeued = jobs.requeue_running(agent, f"agent {name} deleted")
     current_app.extensions["leases"].release(agent.name)
     db.session.delete(agent)
-    fleet.audit(actor, "delete agent", name, f"requeued_jobs={len(running)}")
+    fleet.audit(actor, "delete agent", name, f"requeued_jobs={requeued}")
     db.session.commit()
     fleet.forget_agent(agent)
     current_app.extensions["leases"].release(agent.name)

@@ -204,14 +204,9 @@ class Controller:
                          agent.name, agent.region, agent.last_seen.isoformat())
         if not busy:
             return 0
-        requeued = 0
-        running = db.session.scalars(select(Job).where(
-            Job.agent_id == agent.id, Job.status == JobStatus.RUNNING)).all()
-        for job in running:
-            # A stopped agent's jobs finished or were given back; any left go back quietly.
-            jobs.requeue(job, f"agent {agent.name} stopped" if stopped else f"lease expired on agent {agent.name}")
-            requeued += 1
-        return requeued
+        # A stopped agent's jobs finished or were given back; any left go back quietly.
+        return jobs.requeue_running(agent, f"agent {agent.name} stopped" if stopped
+                                    else f"lease expired on agent {agent.name}")
 
     def _outage_grace(self, agent: Agent, now: float, last_any: float | None, resumed: float | None,
                       renewal: tuple[float, float] | None) -> bool:

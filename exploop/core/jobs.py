@@ -38,7 +38,7 @@ from .security import JOB_PREFIX, hash_token, matches, new_token, security_event
 logger = logging.getLogger(__name__)
 
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
-           "requeue", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
+           "requeue", "requeue_running", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
            "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url",
            "adopt_incarnation", "requeue_lost", "status_counts", "get_job", "queue_positions", "attempts_of"]
 
@@ -564,6 +564,14 @@ def requeue(job: Job, reason: str) -> Job:
     logger.warning("job requeued job_id=%s attempt=%s reason=%s", job.id, job.attempt, reason)
     publish(job)
     return job
+
+
+def requeue_running(agent: Agent, reason: str) -> int:
+    """Requeue every job ``agent`` runs now (disabled, deleted, lease lost); how many."""
+    running = db.session.scalars(select(Job).where(Job.agent_id == agent.id, Job.status == JobStatus.RUNNING)).all()
+    for job in running:
+        requeue(job, reason)
+    return len(running)
 
 
 def fail(agent: Agent, job_id: str, attempt: int, error: str, retry: bool,
