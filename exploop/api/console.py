@@ -30,7 +30,7 @@ from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Finding
 from ..core.sarif import build_sarif
 from ..core.security import security_event
 from ..redaction import redact_url
-from ..vocabulary import JOB_STATUSES, WAITING_STATUSES, JobStatus
+from ..vocabulary import JOB_STATUSES, WAITING_STATUSES
 from . import admin
 from .auth import find_admin_token, refuse_credential
 from .console_fleet import hour_series, placements, sparkline
@@ -275,11 +275,8 @@ def _pages(page: dict, endpoint: str, **values) -> dict:
 
 
 def _agent_context(name: str) -> dict:
-    view = admin.agent_detail(name)
-    record = db.session.scalar(select(Agent).where(Agent.name == name))
-    if record is None:
-        raise ApiError(404, f"agent {name!r} not found")
-    running = db.session.scalars(select(Job).where(Job.agent_id == record.id, Job.status == JobStatus.RUNNING)
+    view = admin.agent_detail(name)  # 404 for an unknown agent; its running job ids from the job records
+    running = db.session.scalars(select(Job).where(Job.id.in_(view["running_jobs"]))
                                  .order_by(Job.started_at)).all()
     registered = db.session.scalar(select(AuditEvent).where(
         AuditEvent.target == name, AuditEvent.action.in_(("register agent", "create agent")))
