@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import NamedTuple
 
 import redis
 from flask import current_app, g
@@ -531,93 +530,10 @@ def cluster_info():
     return cluster_overview()
 
 
-class FleetKind(NamedTuple):
-    """Agents of one region, capability set and status."""
-
-    region: str
-    capabilities: str
-    status: str
-
-
-class KindTotals:
-    """What the fleet views add up over the agents of one :class:`FleetKind`."""
-
-    __slots__ = ("agents", "capacity", "jobs_running", "slots_free")
-
-    def __init__(self) -> None:
-        self.agents = 0
-        self.capacity = 0  # max_jobs summed over online agents
-        self.jobs_running = 0  # running jobs (job records), whatever the status
-        self.slots_free = 0  # max_jobs less running jobs, summed over online agents
-
-
-class FleetSnapshot(NamedTuple):
-    """The whole fleet as ``cluster-info`` and the console's Fleet page read it, once per request.
-
-    Agents are added up by kind in one pass, so the views work on a few dozen totals, not on
-    every agent.
-    """
-
-    agents: int
-    kinds: dict[FleetKind, KindTotals]
-    #: Running jobs per (region of their agent, capability), from the job records.
-    jobs_running: dict[tuple[str, str], int]
-    #: False when Redis could not be read: status, queue depths and consumers are unknown.
-    leases_read: bool
-
-
-def fleet_snapshot() -> FleetSnapshot:
-    """Every agent's status, capacity and running jobs, added up by region, capabilities and status.
-
-    Columns, not ORM objects, lease presence, not lease bodies (a stopping agent's lease says
-    so in its first bytes), and running jobs from the job records (a lease body lags a
-    heartbeat): one query and one MGET per 5,000 agents even for a fleet of thousands, and
-    one grouped count of the running jobs.
-    """
-    agents = db.session.execute(select(Agent.id, Agent.name, Agent.region, Agent.capabilities,
-                                       Agent.max_jobs, Agent.desired_state, Agent.disabled)).all()
-    try:  # the short-timeout client: a hung Redis costs one FLEET_READ_TIMEOUT
-        # Agent -> whether its lease says it is stopping (read from the body's first bytes).
-        live: dict[str, bool] | None = current_app.extensions["lease_reads"].presence([a.name for a in agents])
-    except redis.RedisError:
-        live = None  # unreadable: report what the database knows rather than fail
-    running: dict[int, dict[str, int]] = {}
-    for agent_id, capability, n in db.session.execute(
-            select(Job.agent_id, Job.capability, func.count()).where(Job.status == JobStatus.RUNNING)
-            .group_by(Job.agent_id, Job.capability)):
-        if agent_id is not None:
-            running.setdefault(agent_id, {})[capability] = n
-    kinds: dict[tuple[str, str, str], KindTotals] = {}
-    jobs_running: dict[tuple[str, str], int] = {}
-    for agent in agents:
-        status: str
-        if live is None:  # Redis unreadable: only "disabled" (the database holds it) is known
-            status = AgentStatus.DISABLED if agent.disabled else AgentStatus.UNKNOWN
-        else:
-            status = fleet.presence_status(agent, live)
-        key = (agent.region, agent.capabilities, status)
-        totals = kinds.get(key)
-        if totals is None:
-            totals = kinds[key] = KindTotals()
-        totals.agents += 1
-        busy = 0
-        held = running.get(agent.id)
-        if held:
-            for capability, n in held.items():
-                jobs_running[(agent.region, capability)] = jobs_running.get((agent.region, capability), 0) + n
-                busy += n
-            totals.jobs_running += busy
-        if status == AgentStatus.ONLINE:
-            totals.capacity += agent.max_jobs
-            totals.slots_free += max(0, agent.max_jobs - busy)
-    return FleetSnapshot(len(agents), {FleetKind(*key): totals for key, totals in kinds.items()}, jobs_running,
-                         live is not None)
-
-
-def cluster_overview(snapshot: FleetSnapshot | None = None) -> dict:
+def cluster_overview(snapshot: fleet.FleetSnapshot | None = None) -> dict:
     """``cluster-info``: dependencies, agents by region, capacity, queue depth, jobs."""
     checks = check_dependencies()
-    snapshot = snapshot or fleet_snapshot()
+    snapshot = snapshot or fleet.fleet_snapshot()
     readable = snapshot.leases_read
     if not readable and checks["redis"] == "ok":
         checks["redis"] = "error: lease read failed"

@@ -6,12 +6,10 @@ import os
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import select
 
+from ..core import fleet
 from ..core.extensions import db
-from ..core.fleet import describe_agents
 from ..core.jobs import status_counts
-from ..core.models import Agent
 from ..routing import queues_for
 from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, AgentStatus
 
@@ -34,7 +32,7 @@ class FleetCollector:
                 jobs.add_metric([status], n)
             yield jobs
 
-            views = describe_agents(db.session.scalars(select(Agent)).all())
+            snapshot = fleet.fleet_snapshot()
             agents = GaugeMetricFamily("exploop_agents", "Agents by status and region.",
                                        labels=["status", "region"])
             running = GaugeMetricFamily("exploop_capacity_jobs_running", "Jobs running, by region.",
@@ -45,22 +43,20 @@ class FleetCollector:
             slots: dict[str, list[int]] = {}
             queues = set(self.app.extensions["celery"].amqp.queues.keys())
             consumers: dict[str, int] = {}
-            for view in views:
+            for kind, totals in snapshot.kinds.items():
                 # A graceful stop shows `offline` to operators; the gauge tells it apart so that
                 # PlatformAgentsOfflineByLease (status="offline") pages only for lost agents.
-                metric_status = STOPPED if view["status"] == AgentStatus.OFFLINE and view.get("stopped_at") \
-                    else view["status"]
-                for queue in queues_for(view["capabilities"], view["region"]):
-                    consumers[queue] = consumers.get(queue, 0) + (view["status"] == AgentStatus.ONLINE)
-                by_key[(metric_status, view["region"])] = by_key.get((metric_status, view["region"]), 0) + 1
-                used, total = slots.setdefault(view["region"], [0, 0])
-                if view["status"] in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
-                    slots[view["region"]][0] += view["jobs_running"]
-                if view["status"] == AgentStatus.ONLINE:
-                    slots[view["region"]][1] += view["max_jobs"]
-                queues.update(queues_for(view["capabilities"], view["region"]))
+                for status, n in ((kind.status, totals.agents - totals.stopped), (STOPPED, totals.stopped)):
+                    by_key[(status, kind.region)] = by_key.get((status, kind.region), 0) + n
+                for queue in queues_for([c for c in kind.capabilities.split(",") if c], kind.region):
+                    consumers[queue] = consumers.get(queue, 0) + (totals.agents if kind.status == AgentStatus.ONLINE else 0)
+                used_total = slots.setdefault(kind.region, [0, 0])
+                if kind.status in (AgentStatus.ONLINE, AgentStatus.DRAINING, AgentStatus.STOPPING):
+                    used_total[0] += totals.jobs_running
+                used_total[1] += totals.capacity  # online agents' slots
+            queues.update(consumers)
             # Every status for every region, zeros included: alert rules match on them.
-            for region in sorted({region for _, region in by_key}):
+            for region in sorted(slots):
                 for status in (*AGENT_STATUSES, STOPPED):
                     agents.add_metric([status, region], by_key.get((status, region), 0))
             for region, (used, total) in sorted(slots.items()):
@@ -69,12 +65,13 @@ class FleetCollector:
             yield agents
             yield running
             yield capacity
-            redis_unreadable = any(view["status"] == AgentStatus.UNKNOWN for view in views)
-            if not redis_unreadable:  # no guess when the leases could not be read
+            # No guess when the leases could not be read (a fleet of disabled agents needs none).
+            redis_unreadable = any(kind.status == AgentStatus.UNKNOWN for kind in snapshot.kinds)
+            if not redis_unreadable:
                 family = GaugeMetricFamily("exploop_queue_consumers",
                                            "Online agents consuming each queue (0 with jobs waiting: nobody"
                                            " will run them).", labels=["queue"])
-                for queue in sorted(queues | set(consumers)):
+                for queue in sorted(queues):
                     family.add_metric([queue], consumers.get(queue, 0))
                 yield family
             db.session.remove()

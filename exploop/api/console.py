@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from ..config import CAPABILITIES, parse_duration
-from ..core import jobs
+from ..core import fleet, jobs
 from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.fleet import audit, create_bootstrap_token
@@ -228,7 +228,7 @@ def logout():
 @bp.get("/")
 def fleet_page():
     """Fleet: placements by region x capability, problems first, and the last hour."""
-    snapshot = admin.fleet_snapshot()
+    snapshot = fleet.fleet_snapshot()
     series = hour_series()
     return _page("fleet.html", overview=admin.cluster_overview(snapshot), rows=placements(snapshot),
                  step=series["step_minutes"],

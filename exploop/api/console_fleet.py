@@ -13,20 +13,20 @@ from flask import current_app
 from sqlalchemy import and_, case, func, or_, select
 
 from ..config import CAPABILITIES
+from ..core import fleet
 from ..core.extensions import db
 from ..core.models import Job, utcnow
 from ..routing import queue_for
 from ..vocabulary import AGENT_STATUSES, FINAL_STATUSES, UNFINISHED_STATUSES, WAITING_STATUSES
-from .admin import FleetSnapshot
 
 __all__ = ["placements", "hour_series", "sparkline"]
 
 
 
-def placements(snapshot: FleetSnapshot) -> list[dict]:
+def placements(snapshot: fleet.FleetSnapshot) -> list[dict]:
     """One row per (region, capability) that has agents, a queue or waiting jobs.
 
-    ``snapshot`` is :func:`exploop.api.admin.fleet_snapshot`'s (shared with the summary):
+    ``snapshot`` is :func:`exploop.core.fleet.fleet_snapshot`'s (shared with the summary):
     statuses from lease presence, slots used from the running job records (as ``cluster-info``
     counts them), slots free = an online agent's ``max_jobs`` less its running jobs.
     ``problem`` is set when jobs wait there and no live agent consumes the queue.

@@ -447,9 +447,9 @@ def test_fleet_page_reads_lease_presence_and_job_records_and_agrees_with_cluster
                            agent_name="busy", started_at=utcnow()))
         db.session.commit()
     with app.test_request_context("/ui/"):
-        from exploop.api import admin
         from exploop.api.console_fleet import placements
-        snapshot = admin.fleet_snapshot()
+        from exploop.core import fleet
+        snapshot = fleet.fleet_snapshot()
         assert {kind.status: totals.agents for kind, totals in snapshot.kinds.items()} == {
             "online": 2, "draining": 1, "stopping": 1, "disabled": 1, "offline": 1}
         assert snapshot.agents == 6 and snapshot.jobs_running == {("us-east-1", "secrets"): 1}
