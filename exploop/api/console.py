@@ -230,7 +230,8 @@ def fleet_page():
     """Fleet: placements by region x capability, problems first, and the last hour."""
     snapshot = fleet.fleet_snapshot()
     series = hour_series()
-    return _page("fleet.html", overview=admin.cluster_overview(snapshot), rows=placements(snapshot),
+    overview = admin.cluster_overview(snapshot)
+    return _page("fleet.html", overview=overview, rows=placements(snapshot, overview["queues"]),
                  step=series["step_minutes"],
                  throughput=sparkline(series["throughput"]), waiting=sparkline(series["waiting"]))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import redis
 from flask import current_app
 from sqlalchemy import and_, case, func, or_, select
 
@@ -23,12 +22,14 @@ __all__ = ["placements", "hour_series", "sparkline"]
 
 
 
-def placements(snapshot: fleet.FleetSnapshot) -> list[dict]:
+def placements(snapshot: fleet.FleetSnapshot, depths: dict[str, int | None] | None = None) -> list[dict]:
     """One row per (region, capability) that has agents, a queue or waiting jobs.
 
     ``snapshot`` is :func:`exploop.core.fleet.fleet_snapshot`'s (shared with the summary):
     statuses from lease presence, slots used from the running job records (as ``cluster-info``
     counts them), slots free = an online agent's ``max_jobs`` less its running jobs.
+    ``depths`` are queue depths already read (``cluster-info``'s ``queues``); only the queues
+    they lack are read, and none when the leases were unreadable (Redis is, then, too).
     ``problem`` is set when jobs wait there and no live agent consumes the queue.
     """
     rows: dict[tuple[str, str], dict] = {}
@@ -59,10 +60,10 @@ def placements(snapshot: fleet.FleetSnapshot) -> list[dict]:
             for capability in CAPABILITIES:
                 if (region.strip(), capability) not in rows:
                     row(region.strip(), capability)
-    try:
-        depths = current_app.extensions["brokers"].depths([queue_for(c, r) for r, c in rows])
-    except redis.RedisError:
-        depths = {}
+    depths = dict(depths or {})
+    missing = [queue_for(c, r) for r, c in rows if queue_for(c, r) not in depths]
+    if missing and snapshot.leases_read:
+        depths.update(current_app.extensions["brokers"].depths(missing))  # None where a broker is unreachable
     for (region, capability), r in rows.items():
         r["depth"] = depths.get(queue_for(capability, region))
         r["queue"] = queue_for(capability, region)
