@@ -20,7 +20,7 @@ from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
 from ..routing import queue_for, queues_for
-from ..vocabulary import AGENT_STATUSES, AgentStatus, DesiredState, JobStatus
+from ..vocabulary import AgentStatus, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
 from .health import check_dependencies
@@ -253,24 +253,24 @@ def agents_page(args: dict) -> dict:
         query = query.where(("," + Agent.capabilities + ",").contains(f",{args['capability']},"))
     if args.get("name"):
         query = query.where(Agent.name.contains(args["name"], autoescape=True))
-    if args.get("status"):
+    if args.get("status"):  # one of AGENT_STATUSES (the schema checks)
         status = args["status"]
-        if status in AGENT_STATUSES:
-            try:
-                return _agents_with_status(query, args, status)
-            except redis.RedisError:
-                pass  # Redis unreadable: the views below say so (status unknown)
-        # Redis unreadable (or an unknown status): filter the whole fleet, then page.
+        try:
+            return _agents_with_status(query, args, status)
+        except redis.RedisError:
+            pass
+        # Redis unreadable: the views say so (status unknown); filter the whole fleet, then page.
         views, unknown = fleet.fleet_view(db.session.scalars(query).all())
         views = [v for v in views if v["status"] == status]
         start = (args["page"] - 1) * args["per_page"]
-        page = {"items": views[start:start + args["per_page"]], "page": args["page"],
-                "per_page": args["per_page"], "total": len(views)}
-        if unknown:
-            page["degraded"] = unknown
-        return page
+        return _agent_page(views[start:start + args["per_page"]], len(views), args, unknown)
     page = paged(query, args)
-    page["items"], unknown = fleet.fleet_view(page["items"])
+    views, unknown = fleet.fleet_view(page["items"])
+    return _agent_page(views, page["total"], args, unknown)
+
+
+def _agent_page(views: list[dict], total: int, args: dict, unknown: str | None) -> dict:
+    page = {"items": views, "page": args["page"], "per_page": args["per_page"], "total": total}
     if unknown:
         page["degraded"] = unknown
     return page
@@ -291,10 +291,7 @@ def _agents_with_status(query, args: dict, status: str) -> dict:
     shown = names[start:start + args["per_page"]]
     records = db.session.scalars(select(Agent).where(Agent.name.in_(shown)).order_by(Agent.name)).all()
     views, unknown = fleet.fleet_view(records)
-    page = {"items": views, "page": args["page"], "per_page": args["per_page"], "total": len(names)}
-    if unknown:
-        page["degraded"] = unknown
-    return page
+    return _agent_page(views, len(names), args, unknown)
 
 
 @bp.get("/agents/<name>")
