@@ -230,8 +230,9 @@ class MirrorLease:
         self._replace_shallow(dot)  # the mirror's history ends there, and so does the workspace's
 
     def release(self) -> None:
-        """The workspace is gone: the mirror may be evicted again; trim the cache."""
+        """The workspace is gone: note this mirror's size, let it be evicted again, trim the cache."""
         if self._use_fd >= 0:
+            self.cache.note_size(self.key)
             _unlock(self._use_fd)
             self._use_fd = -1
             self.cache.evict()
@@ -256,6 +257,14 @@ class MirrorCache:
         fd = _lock(self.root / f"{key}.use", fcntl.LOCK_SH, deadline)
         return MirrorLease(self, key, fd)
 
+    def note_size(self, key: str) -> None:
+        """Record a mirror's disk size, as its last job left it: trimming the cache then walks
+        no mirror's files (a job changes only its own mirror)."""
+        try:
+            (self.root / f"{key}.size").write_text(str(_size(self.root / f"{key}.git")))
+        except OSError:
+            pass  # the cache is an optimisation: trimming measures the mirror itself then
+
     def mirrors(self) -> list[tuple[float, str, int]]:
         """(last used, key, bytes) of every mirror, least recently used first."""
         found = []
@@ -265,7 +274,11 @@ class MirrorCache:
                 used = (self.root / f"{key}.use").stat().st_mtime
             except FileNotFoundError:
                 used = 0.0
-            found.append((used, key, _size(path)))
+            try:
+                size = int((self.root / f"{key}.size").read_text())
+            except (OSError, ValueError):
+                size = _size(path)  # not noted yet (a job still holds it since its creation)
+            found.append((used, key, size))
         return sorted(found)
 
     def evict(self) -> list[str]:
@@ -288,6 +301,7 @@ class MirrorCache:
                 try:
                     doomed = self.root / f".old-{key}-{os.getpid()}"
                     os.rename(self.root / f"{key}.git", doomed)
+                    (self.root / f"{key}.size").unlink(missing_ok=True)
                     shutil.rmtree(doomed, ignore_errors=True)
                     total -= size
                     removed.append(key)
