@@ -15,6 +15,10 @@ class ApiClientError(Exception):
         super().__init__(message)
         self.status, self.message, self.detail = status, message, detail
 
+    def detail_field(self, name: str):
+        """One field of the error's JSON detail (``reason``, ``status``), or None."""
+        return self.detail.get(name) if isinstance(self.detail, dict) else None
+
 
 class ApiConnectionError(ApiClientError):
     """The API could not be reached at all."""

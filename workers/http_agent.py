@@ -94,7 +94,7 @@ class HttpAgent:
                 if exc.status == 401:
                     self.on_auth_failure()
                     return
-                if exc.status == 403 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "disabled":
+                if exc.status == 403 and exc.detail_field("reason") == "disabled":
                     self.stopping.wait(self.runtime.heartbeat_interval)  # the Lease Manager says so, once
                     continue
                 failures += 1

@@ -100,7 +100,7 @@ class LeaseManager:
                 self._stop.set()
                 self.on_auth_failure()
                 return False
-            if exc.status == 403 and isinstance(exc.detail, dict) and exc.detail.get("reason") == "disabled":
+            if exc.status == 403 and exc.detail_field("reason") == "disabled":
                 self.failures = 0  # the API answers: renew at the normal pace, no backoff
                 if not self.disabled:
                     # "authentication failed" keeps the runbook's pattern and its advice ("check if

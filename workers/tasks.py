@@ -109,7 +109,7 @@ def register_tasks(app: Celery) -> None:
             time.sleep(2)
             raise Reject(str(exc), requeue=True) from None
         except ApiClientError as exc:
-            reason = exc.detail.get("reason") if isinstance(exc.detail, dict) else None
+            reason = exc.detail_field("reason")
             if exc.status in (403, 409) and reason in ("draining", "disabled"):
                 logger.info("agent %s, returning job to queue %s", reason, fields)
                 raise Reject(f"agent {reason}", requeue=True) from None
@@ -276,7 +276,7 @@ def _progress(client: PlatformClient, spec: dict, percent: int, message: str, ru
     try:
         client.progress(spec["id"], spec["attempt"], spec["job_token"], percent, message)
     except ApiClientError as exc:  # progress is advisory; the result is what matters
-        if exc.status == 409 and isinstance(exc.detail, dict) and exc.detail.get("status") == "cancelled":
+        if exc.status == 409 and exc.detail_field("status") == "cancelled":
             raise JobCancelled("cancelled") from None
         if exc.status == 401 and runtime is not None:
             key_refused(runtime)
