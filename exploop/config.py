@@ -17,7 +17,7 @@ from pathlib import Path
 __all__ = [
     "ConfigError", "parse_duration", "format_duration", "server_defaults",
     "AgentSettings", "CAPABILITIES", "data_dir", "parse_size", "format_size", "ScannerSettings",
-    "agent_key_file", "DEFAULT_KEY_FILE", "local_stack_record",
+    "agent_key_file", "DEFAULT_KEY_FILE", "local_stack_record", "REGION_PATTERN", "AGENT_NAME_PATTERN",
 ]
 
 #: Scan capabilities the platform knows; agents advertise a subset.
@@ -173,9 +173,9 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
 
 _LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING",
                "warning": "WARNING", "error": "ERROR"}
-_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-#: Agent names, as the API accepts them (they also name the agent's key file).
-_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: Regions and agent names, as the API accepts them (an agent name also names its key file).
+REGION_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+AGENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 #: The saved key of an agent started without AGENT_NAME (and, from before keys were
 #: saved per name, of any agent: a named agent still finds its own key there).
@@ -269,7 +269,7 @@ class AgentSettings:
         if api_key and not api_key.startswith("ragent_"):
             raise ConfigError("API_KEY: expected an agent key starting with 'ragent_'")
         region = env.get("REGION") or None
-        if region is not None and region != "auto" and not _REGION.match(region):
+        if region is not None and region != "auto" and not REGION_PATTERN.match(region):
             raise ConfigError(
                 f"REGION: invalid region {region!r} (lowercase letters, digits and '-')")
         if region == "auto":
@@ -316,7 +316,7 @@ class AgentSettings:
 
 def _agent_name(env: Mapping[str, str]) -> str | None:
     name = (env.get("AGENT_NAME") or "").strip() or None
-    if name is not None and not _AGENT_NAME.match(name):
+    if name is not None and not AGENT_NAME_PATTERN.match(name):
         raise ConfigError(f"AGENT_NAME: invalid name {name!r} (letters, digits, '.', '_' and '-', max 100)")
     return name
 

@@ -5,7 +5,7 @@ import re
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from ..config import CAPABILITIES, parse_duration
+from ..config import AGENT_NAME_PATTERN, CAPABILITIES, REGION_PATTERN, parse_duration
 from ..core.jobs import queue_position
 from ..redaction import redact_url
 from ..vocabulary import AGENT_STATUSES, JOB_STATUSES, SEVERITIES, DesiredState
@@ -67,10 +67,10 @@ class JsonBoolean(fields.Boolean):
 INT_MIN, INT_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-_REGION = FullMatch(r"^[a-z0-9][a-z0-9-]{0,62}$", error="lowercase letters, digits and '-'")
+_REGION = FullMatch(REGION_PATTERN, error="lowercase letters, digits and '-'")
 _REF = FullMatch(r"^(?!-)(?!.*\.\.)[^\s~^:?*\[\\\x00-\x1f\x7f]+$",
                  error="a branch, tag or commit: no leading '-', spaces, '..' or ~^:?*[\\")
-_NAME = FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+_NAME = FullMatch(AGENT_NAME_PATTERN,
                   error="letters, digits, '.', '_' and '-' (max 100)")
 
 
