@@ -32,7 +32,7 @@ from exploop.core.security import hash_token
 from exploop.run.children import Child, free_port, script, start_redis, wait_http
 
 sys.path.insert(0, str(Path(__file__).parent))
-from get_agents import REGIONS, _empty_database, _server_ms, _stats, measure_page, populate  # noqa: E402
+from get_agents import REGIONS, _empty_database, _server_ms, _stats, measure_page, percentile, populate  # noqa: E402
 
 STATUSES = ("completed",) * 14 + ("failed", "cancelled", "pending", "queued", "running")
 CAPABILITIES = ("sast", "sca", "secrets")
@@ -149,8 +149,7 @@ def main() -> int:
                 ordered = sorted(server)
                 medians[label] = ordered[len(ordered) // 2]
                 if kind in worst:
-                    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-                    worst[kind] = max(worst[kind], p95)
+                    worst[kind] = max(worst[kind], percentile(ordered, 0.95))
                 print(f"  {label:40s} {_stats(server)}")
             print("\nratios (median console page / median API list in the same run)")
             for page, api_list in (("/ui/agents  page 1", "GET /admin/v1/agents (API, JSON)"),

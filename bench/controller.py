@@ -48,7 +48,7 @@ from exploop.routing import queue_for
 from exploop.run.children import free_port, start_redis
 
 sys.path.insert(0, str(Path(__file__).parent))
-from get_agents import REGIONS, _empty_database  # noqa: E402
+from get_agents import REGIONS, _empty_database, percentile  # noqa: E402
 
 CAPABILITIES = ("sast", "sca", "secrets")
 
@@ -172,11 +172,6 @@ def timed(controller: Controller, ticks: int, before=None, full: bool = False) -
     return values, last
 
 
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def run_case(database_url: str, redis_url: str, agents: int, queued: int, ticks: int) -> dict:
     _empty_database(database_url)
     app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "REDIS_URL": redis_url,
@@ -232,7 +227,7 @@ def main() -> int:
                 for label in ("idle", "changing", "full"):
                     values = r[label]
                     name = {"idle": "idle", "changing": "1% changing", "full": "full check"}[label]
-                    print(f"  {name:14s} p50 {statistics.median(values):7.1f} ms   p95 {p(values, 0.95):7.1f} ms"
+                    print(f"  {name:14s} p50 {statistics.median(values):7.1f} ms   p95 {percentile(values, 0.95):7.1f} ms"
                           f"   max {max(values):7.1f} ms")
                 print(f"  {r['expired']} leases expiring in one tick: {r['expiry_ms']:.1f} ms"
                       f" ({r['requeued']} jobs requeued, {r['expiry_ms'] / r['expired']:.2f} ms per agent)")

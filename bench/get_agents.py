@@ -140,10 +140,15 @@ def _server_ms(response: requests.Response) -> float:
     raise RuntimeError(f"no Server-Timing header on {response.url}")
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile ``q`` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 def _stats(values: list[float]) -> str:
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return (f"median {statistics.median(ordered):7.1f} ms   p95 {p95:7.1f} ms"
+    return (f"median {statistics.median(ordered):7.1f} ms   p95 {percentile(ordered, 0.95):7.1f} ms"
             f"   max {ordered[-1]:7.1f} ms   (n={len(ordered)})")
 
 
