@@ -108,9 +108,10 @@ def _tenant(name: str) -> Tenant:
     return tenant
 
 
-def tenant_usage(tenant: Tenant) -> Extended:
-    """A tenant with its plan's limits and its usage against them."""
-    counts = jobs.status_counts(tenant.id)
+def tenant_usage(tenant: Tenant, counts: dict[str, int] | None = None) -> Extended:
+    """A tenant with its plan's limits and its usage against them (``counts``: its
+    ``jobs.status_counts``, when already read)."""
+    counts = counts if counts is not None else jobs.status_counts(tenant.id)
     usage = {"running": counts[JobStatus.RUNNING], "queued": counts[JobStatus.QUEUED],
              "pending": counts[JobStatus.PENDING]}
     usage["concurrent"] = usage["running"] + usage["queued"]

@@ -438,7 +438,8 @@ def tenants_page():
                                   .order_by(Job.admission_key, Job.id)):
         waiting[job.tenant_id].append(job)
     positions = jobs.queue_positions([job for shown in waiting.values() for job in shown])
-    rows = [{"tenant": admin.tenant_usage(tenant),
+    counts = jobs.status_counts_by_tenant([tenant.id for tenant in page["items"]])
+    rows = [{"tenant": admin.tenant_usage(tenant, counts[tenant.id]),
              "waiting": [(job, positions.get(job.id)) for job in waiting[tenant.id]]} for tenant in page["items"]]
     return _page("tenants.html", page=page, rows=rows, pages=_pages(page, "console.tenants_page"))
 

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["submit", "publish", "admit_pending", "claim", "progress", "complete", "fail",
            "requeue", "requeue_running", "retry", "cancel", "queue_position", "plan_limits", "admission_key",
            "PRIORITY_RANK", "known_regions", "choose_region", "validate_repo_url",
-           "adopt_incarnation", "requeue_lost", "status_counts", "get_job", "queue_positions", "attempts_of"]
+           "adopt_incarnation", "requeue_lost", "status_counts", "status_counts_by_tenant", "get_job",
+           "queue_positions", "attempts_of"]
 
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:[\w./~-]+$")
 
@@ -247,6 +248,16 @@ def status_counts(tenant_id: int | None = None, statuses=UNFINISHED_STATUSES) ->
         query = query.where(Job.tenant_id == tenant_id)
     counts: dict[str, int] = dict.fromkeys(statuses, 0)
     counts.update((str(status), int(n)) for status, n in db.session.execute(query).all())
+    return counts
+
+
+def status_counts_by_tenant(tenant_ids: list[int], statuses=UNFINISHED_STATUSES) -> dict[int, dict[str, int]]:
+    """``status_counts`` of several tenants in one grouped query."""
+    counts: dict[int, dict[str, int]] = {tenant_id: dict.fromkeys(statuses, 0) for tenant_id in tenant_ids}
+    for tenant_id, status, n in db.session.execute(
+            select(Job.tenant_id, Job.status, func.count()).where(Job.tenant_id.in_(tenant_ids), Job.status.in_(statuses))
+            .group_by(Job.tenant_id, Job.status)):
+        counts[tenant_id][str(status)] = int(n)
     return counts
 
 
