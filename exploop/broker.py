@@ -244,17 +244,22 @@ class Brokers:
                 depths.update({name: None for name in names})
         return dict(sorted(depths.items()))
 
-    def health(self, regions: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Each broker (default first): its URL without password, the regions it carries, ok or the error."""
+    def health(self, regions: Iterable[str], known: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """Each broker (default first): its URL without password, the regions it carries, ok or the error.
+
+        ``known``: URL -> status already found (a ping the caller just made), not pinged again.
+        """
         regions = set(regions) | set(self.by_region)
         report = {}
         for broker in self.all():
             carried = sorted(r for r in regions if self.for_region(r) is broker)
-            try:
-                broker.client.ping()
-                status = "ok"
-            except redis_lib.RedisError as exc:
-                status = f"error: {exc.__class__.__name__}"
+            status = (known or {}).get(broker.url)
+            if status is None:
+                try:
+                    broker.client.ping()
+                    status = "ok"
+                except redis_lib.RedisError as exc:
+                    status = f"error: {exc.__class__.__name__}"
             name = "default" if broker is self.default else ",".join(carried)
             report[name] = {"url": redact(broker.url), "regions": carried, "status": status}
         return report

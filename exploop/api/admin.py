@@ -533,6 +533,7 @@ def cluster_overview(snapshot: fleet.FleetSnapshot | None = None) -> dict:
     checks = check_dependencies()
     snapshot = snapshot or fleet.fleet_snapshot()
     readable = snapshot.leases_read
+    pinged = {current_app.config["REDIS_URL"]: checks["redis"]}  # the default broker's Redis, just pinged
     if not readable and checks["redis"] == "ok":
         checks["redis"] = "error: lease read failed"
     regions: dict[str, dict] = {}
@@ -562,7 +563,7 @@ def cluster_overview(snapshot: fleet.FleetSnapshot | None = None) -> dict:
         consumers.setdefault(queue, 0 if readable else None)
     depths: dict[str, int | None] = {name: None for name in queues}
     brokers = current_app.extensions["brokers"]
-    broker_health = brokers.health({q.partition(".")[2] for q in queues})
+    broker_health = brokers.health({q.partition(".")[2] for q in queues}, known=pinged)
     if readable:
         depths = brokers.depths(queues)  # None for a queue whose broker is unreachable
     unconsumed = sorted(q for q in queues if consumers[q] == 0 and ((depths[q] or 0) > 0 or waiting.get(q, 0) > 0))
