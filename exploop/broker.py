@@ -26,6 +26,8 @@ import redis as redis_lib
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from redis.sentinel import Sentinel
 
+from .routing import parse_queue
+
 __all__ = ["KeyLayout", "Broker", "Brokers", "decode_delivery", "redis_client", "is_sentinel",
            "parse_region_brokers", "redact"]
 
@@ -232,12 +234,8 @@ class Brokers:
     def depths(self, queues: Iterable[str]) -> dict[str, int | None]:
         """Messages waiting in each ``<cap>.<region>`` queue, read from its region's broker
         (None for the queues of a broker that cannot be reached)."""
-        by_region: dict[str, list[str]] = {}
-        for queue in queues:
-            by_region.setdefault(queue.partition(".")[2], []).append(queue)
         depths: dict[str, int | None] = {}
-        for broker, regions in self.split(by_region):
-            names = [q for r in regions for q in by_region[r]]
+        for broker, names in self.group_queues(queues):
             try:
                 depths.update(broker.depths(names))
             except redis_lib.RedisError:
@@ -264,10 +262,10 @@ class Brokers:
             report[name] = {"url": redact(broker.url), "regions": carried, "status": status}
         return report
 
-    def split(self, regions: Iterable[str]) -> list[tuple[Broker, list[str]]]:
-        """Group regions by the broker that holds their queues."""
+    def group_queues(self, queues: Iterable[str]) -> list[tuple[Broker, list[str]]]:
+        """Group ``<cap>.<region>`` queues (sorted) by the broker that holds them."""
         groups: dict[int, tuple[Broker, list[str]]] = {}
-        for region in sorted(set(regions)):
-            broker = self.for_region(region)
-            groups.setdefault(id(broker), (broker, []))[1].append(region)
+        for queue in sorted(set(queues)):
+            broker = self.for_region(parse_queue(queue)[1])
+            groups.setdefault(id(broker), (broker, []))[1].append(queue)
         return list(groups.values())

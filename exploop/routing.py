@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .config import CAPABILITIES
 
-__all__ = ["RUN_SCAN", "queue_for", "queues_for", "route_task"]
+__all__ = ["RUN_SCAN", "queue_for", "queues_for", "parse_queue", "route_task"]
 
 #: Name of the Celery task every scan job is published as.
 RUN_SCAN = "exploop.run_scan"
@@ -21,6 +21,12 @@ def queue_for(capability: str, region: str) -> str:
     if not region or "." in region:
         raise ValueError(f"invalid region {region!r}")
     return f"{capability}.{region}"
+
+
+def parse_queue(queue: str) -> tuple[str, str]:
+    """``sast.us-east-1`` -> (``sast``, ``us-east-1``): the inverse of :func:`queue_for`."""
+    capability, _, region = queue.partition(".")
+    return capability, region
 
 
 def queues_for(capabilities, region: str) -> list[str]:

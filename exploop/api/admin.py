@@ -19,7 +19,7 @@ from ..core.exceptions import ApiError
 from ..core.extensions import db
 from ..core.models import AdminToken, Agent, AuditEvent, BootstrapToken, Job, Tenant, utcnow
 from ..core.security import ADMIN_PREFIX, TENANT_PREFIX, hash_token, new_token
-from ..routing import queue_for, queues_for
+from ..routing import parse_queue, queue_for, queues_for
 from ..vocabulary import AgentStatus, DesiredState, JobStatus
 from . import Blueprint
 from .auth import admin_required
@@ -563,7 +563,7 @@ def cluster_overview(snapshot: fleet.FleetSnapshot | None = None) -> dict:
         consumers.setdefault(queue, 0 if readable else None)
     depths: dict[str, int | None] = {name: None for name in queues}
     brokers = current_app.extensions["brokers"]
-    broker_health = brokers.health({q.partition(".")[2] for q in queues}, known=pinged)
+    broker_health = brokers.health({parse_queue(q)[1] for q in queues}, known=pinged)
     if readable:
         depths = brokers.depths(queues)  # None for a queue whose broker is unreachable
     unconsumed = sorted(q for q in queues if consumers[q] == 0 and ((depths[q] or 0) > 0 or waiting.get(q, 0) > 0))

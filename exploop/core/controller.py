@@ -30,7 +30,7 @@ from sqlalchemy import exists, func, literal, select, union_all
 
 from ..broker import Broker, decode_delivery, redact
 from ..config import CAPABILITIES
-from ..routing import queue_for
+from ..routing import parse_queue, queue_for
 from ..vocabulary import JobStatus
 from . import handouts, jobs
 from .extensions import db
@@ -290,11 +290,7 @@ class Controller:
             turn = ordered[self._next_queue % len(ordered)]
             self._next_queue += 1
         republished = 0
-        by_region: dict[str, list[str]] = {}
-        for queue in self._queues:
-            by_region.setdefault(queue.partition(".")[2], []).append(queue)
-        for broker, regions in self.brokers.split(by_region):
-            queues = sorted(q for r in regions for q in by_region[r])
+        for broker, queues in self.brokers.group_queues(self._queues):
             try:
                 if self._lost_data(broker):
                     logger.warning("broker %s lost data (flushed, restarted or failed over): checking every queue",
@@ -348,7 +344,7 @@ class Controller:
             return set()
         checks = []
         for queue in empty:
-            capability, _, region = queue.partition(".")
+            capability, region = parse_queue(queue)
             checks.append(select(literal(queue)).where(exists().where(
                 Job.status == JobStatus.QUEUED, Job.capability == capability, Job.region == region,
                 Job.queued_at < cutoff)))
@@ -366,7 +362,7 @@ class Controller:
         orphaned_before = utcnow() - UNACKED_GRACE
         republished = 0
         for queue in sorted(queues):
-            capability, _, region = queue.partition(".")
+            capability, region = parse_queue(queue)
             missing = [job_id for job_id, attempt, queued_at in db.session.execute(
                 select(Job.id, Job.attempt, Job.queued_at).where(
                     Job.status == JobStatus.QUEUED, Job.capability == capability, Job.region == region,
