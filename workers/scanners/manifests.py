@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Callable
 
 from .packages import LockfileError, Package
+from .requirements import exact_pin
 
 __all__ = ["parse_pyproject", "parse_uv_lock", "parse_pdm_lock", "parse_yarn_lock", "parse_pnpm_lock"]
 
@@ -40,8 +41,6 @@ def package_name_lines(text: str) -> list[int]:
 
 def parse_pyproject(text: str, path: str) -> tuple[list[Package], list[dict]]:
     """PEP 621 ``[project]`` dependencies and optional dependencies; ``==`` pins are checked."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     project = _toml(text, path).get("project") or {}
     entries = list(project.get("dependencies") or [])
     for group in (project.get("optional-dependencies") or {}).values():
@@ -52,19 +51,11 @@ def parse_pyproject(text: str, path: str) -> tuple[list[Package], list[dict]]:
         if not isinstance(entry, str):
             continue
         number, cursor = _find_string(lines, entry, cursor)
-        try:
-            req = Requirement(entry)
-        except InvalidRequirement:
-            unpinned.append({"path": path, "line": number, "requirement": entry[:200],
-                             "reason": "not a valid requirement"})
-            continue
-        specs = list(req.specifier)
-        if req.url is None and len(specs) == 1 and specs[0].operator in ("==", "===") \
-                and "*" not in specs[0].version:
-            packages.append(Package("PyPI", req.name, specs[0].version, path, number))
+        name, version, why = exact_pin(entry)
+        if name is not None and version is not None:
+            packages.append(Package("PyPI", name, version, path, number))
         else:
-            unpinned.append({"path": path, "line": number, "requirement": entry[:200],
-                             "reason": "no exact == pin"})
+            unpinned.append({"path": path, "line": number, "requirement": entry[:200], "reason": why})
     return packages, unpinned
 
 

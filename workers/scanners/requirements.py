@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .osv import normalize_name
 from .packages import Package
 
-__all__ = ["RequirementsFile", "parse_requirements_file", "read_requirements", "is_requirements_file",
+__all__ = ["RequirementsFile", "exact_pin", "parse_requirements_file", "read_requirements", "is_requirements_file",
            "MAX_DEPTH"]
 
 #: How many ``-r``/``-c`` levels are followed below a requirements file.
@@ -76,10 +76,23 @@ def _logical_lines(text: str):
             yield start, line
 
 
-def parse_requirements_file(text: str, path: str) -> RequirementsFile:
-    """Requirements, pins and includes of one file (includes are not followed here)."""
+def exact_pin(requirement: str) -> tuple[str | None, str | None, str]:
+    """(name, version, why not) of one PEP 508 requirement: the version only for an exact
+    ``==`` pin of a released version; no name for an invalid requirement."""
     from packaging.requirements import InvalidRequirement, Requirement
 
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        return None, None, "not a valid requirement"
+    specs = list(req.specifier)
+    if req.url is None and len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
+        return req.name, specs[0].version, ""
+    return req.name, None, "no exact == pin"
+
+
+def parse_requirements_file(text: str, path: str) -> RequirementsFile:
+    """Requirements, pins and includes of one file (includes are not followed here)."""
     result = RequirementsFile(path)
     for number, line in _logical_lines(text):
         include = _INCLUDE.match(line)
@@ -90,17 +103,11 @@ def parse_requirements_file(text: str, path: str) -> RequirementsFile:
         line = re.sub(r"\s--hash[=\s]\S+", "", line).strip()
         if line.startswith("-"):
             continue  # -e (a local or VCS source), --index-url...: no released version to check
-        try:
-            req = Requirement(line)
-        except InvalidRequirement:
-            result.invalid.append({"path": path, "line": number, "requirement": line[:200],
-                                   "reason": "not a valid requirement"})
+        name, version, why = exact_pin(line)
+        if name is None:
+            result.invalid.append({"path": path, "line": number, "requirement": line[:200], "reason": why})
             continue
-        specs = list(req.specifier)
-        pinned = (req.url is None and len(specs) == 1 and specs[0].operator in ("==", "===")
-                  and "*" not in specs[0].version)
-        result.requirements.append(_Line(req.name, number, line[:200], specs[0].version if pinned else None,
-                                         "" if pinned else "no exact == pin"))
+        result.requirements.append(_Line(name, number, line[:200], version, why))
     return result
 
 
