@@ -81,6 +81,16 @@ def _link_tree(source: Path, target: Path) -> None:
             os.link(os.path.join(folder, name), into / name, follow_symlinks=False)
 
 
+def ls_tree_bytes(listing: str) -> int:
+    """Total file size in the output of ``git ls-tree -r -l``."""
+    total = 0
+    for line in listing.splitlines():
+        fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
+        if len(fields) == 4 and fields[3].isdigit():
+            total += int(fields[3])
+    return total
+
+
 def _size(path: Path) -> int:
     total = 0
     for folder, _, files in os.walk(path):
@@ -134,11 +144,7 @@ class MirrorLease:
             return int(memo.read_text())
         except (FileNotFoundError, ValueError):
             pass
-        total = 0
-        for line in run(self.path, "ls-tree", "-r", "-l", "--full-tree", treeish, what="git ls-tree").splitlines():
-            fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
-            if len(fields) == 4 and fields[3].isdigit():
-                total += int(fields[3])
+        total = ls_tree_bytes(run(self.path, "ls-tree", "-r", "-l", "--full-tree", treeish, what="git ls-tree"))
         memo.parent.mkdir(exist_ok=True)
         staged = memo.with_name(f".{treeish}.{os.getpid()}")
         staged.write_text(str(total))

@@ -22,7 +22,7 @@ from exploop.destinations import DestinationPolicy, DestinationRefused, repo_hos
 from exploop.redaction import redact_url
 
 from .lifeline import die_with_parent
-from .mirror import MirrorCache, MirrorLease
+from .mirror import MirrorCache, MirrorLease, ls_tree_bytes
 
 __all__ = ["Workspace", "JobError", "JobTimeout", "RepoTooLarge", "run_process", "minimal_env",
            "clone_error", "workspace_root", "sweep_workspaces"]
@@ -290,12 +290,7 @@ class Workspace:
             stats = dict(line.split(": ", 1) for line in
                          self.git("count-objects", "-v", what="git count-objects").splitlines() if ": " in line)
             packed = (int(stats.get("size-pack", 0)) + int(stats.get("size", 0))) * 1024
-            tree = 0
-            for line in self.git("ls-tree", "-r", "-l", "--full-tree", target,
-                                 what="git ls-tree").splitlines():
-                fields = line.split("\t", 1)[0].split()  # mode type object size<TAB>path
-                if len(fields) == 4 and fields[3].isdigit():
-                    tree += int(fields[3])
+            tree = ls_tree_bytes(self.git("ls-tree", "-r", "-l", "--full-tree", target, what="git ls-tree"))
         for what, size in (("fetched objects", packed), ("checked-out tree", tree)):
             if size > self.size_limit:
                 raise JobError(f"repository {shown} is too large: {what} {format_size(size)} exceed "
