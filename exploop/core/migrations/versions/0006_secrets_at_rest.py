@@ -46,7 +46,7 @@ def _keyring():
 def _need_key(ring, what: str):
     from exploop.config import ConfigError
     if ring is None:
-        raise ConfigError(f"database migration 0006: {what} must be converted with the server key;"
+        raise ConfigError(f"database migration 0003: {what} must be converted with the server key;"
                           " set EXPLOOP_SECRET_KEY (see docs/security.md), then start again")
     return ring
 
